@@ -2,11 +2,19 @@
 PAE reference implementation: every loss.
 
 Sections (each marked with a banner):
-  1. flow matching       (SPEC §8)  timestep sampling and the velocity loss of the DiT
+  1. flow matching       (SPEC §8)   timestep sampling and the velocity loss of the DiT
+  2. LPIPS               (SPEC §5)   VGG16 + the v0.1 linear calibration layers
+  3. tokenizer losses    (SPEC §5)   GAN, SSR, MCR, SCR, the total PAE loss; the refine-stage loss (SPEC §4.6)
+  4. diagnostics         (SPEC §13)  LPC and GSQ of a latent space
 """
 
+import math
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+from model import fail, mcr_rotate, print0, structural_target
 
 # -----------------------------------------------------------------------------
 # 1. flow matching (SPEC §8). t = 0 is noise, t = 1 is data: x_t = t*x1 + (1-t)*x0, v = x1 - x0.
@@ -29,3 +37,184 @@ def flow_matching_loss(velocity_pred, velocity):
     mse = (velocity_pred - velocity).pow(2).mean()
     cos = 1 - F.cosine_similarity(velocity_pred, velocity, dim=1).mean()
     return mse + cos
+
+
+# -----------------------------------------------------------------------------
+# 2. LPIPS (SPEC §5): VGG16 features, unit-normalised per position, squared difference, v0.1 linear layers
+
+LPIPS_LIN_URL = "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/weights/v0.1/vgg.pth"
+VGG16_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]  # torchvision's
+
+
+class LPIPS(nn.Module):
+    """LPIPS distance (Zhang et al. 2018, v0.1, VGG16) of images in [-1, 1] -> (B,). Frozen; gradients flow only
+    to the inputs. pretrained=False: random VGG16 (CPU tests), and lin_weights if given, else uniform 1/C."""
+
+    def __init__(self, pretrained=True, vgg_weights=None, lin_weights=None):
+        super().__init__()
+        layers, c = [], 3
+        for v in VGG16_LAYERS:  # same module indices as torchvision's vgg16().features, so its weights load
+            layers += [nn.MaxPool2d(2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            c = c if v == "M" else v
+        self.vgg = nn.Sequential(*layers)
+        for m in self.vgg:
+            if isinstance(m, nn.Conv2d):  # torchvision's VGG init, for the random (tiny) case
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        self.taps = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+        self.lins = nn.ModuleList([nn.Conv2d(ch, 1, 1, bias=False) for ch in (64, 128, 256, 512, 512)])
+        for lin in self.lins:
+            nn.init.constant_(lin.weight, 1 / lin.in_channels)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        if pretrained or vgg_weights:
+            self.vgg.load_state_dict(self._vgg_state(vgg_weights))
+        else:
+            print0("LPIPS: random VGG16 weights (no pretrained weights requested): distances are not calibrated")
+        if pretrained or lin_weights:
+            self.lins.load_state_dict(self._lin_state(lin_weights))
+        self.requires_grad_(False).eval()
+
+    def train(self, mode=True):  # frozen: always in eval mode
+        return super().train(False)
+
+    @staticmethod
+    def _vgg_state(path):
+        try:
+            if path:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                from torchvision.models import VGG16_Weights
+                state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        except Exception as e:
+            fail(f"VGG16 ImageNet weights for LPIPS could not be loaded ({type(e).__name__}); download "
+                 f"torchvision's vgg16-397923af.pth once into the torch hub cache (~/.cache/torch/hub/checkpoints) "
+                 f"or pass its path as the VGG weights")
+        return {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+
+    @staticmethod
+    def _lin_state(path):
+        try:
+            state = (torch.load(path, map_location="cpu", weights_only=True) if path else
+                     torch.hub.load_state_dict_from_url(LPIPS_LIN_URL, map_location="cpu", progress=False))
+        except Exception as e:
+            fail(f"LPIPS v0.1 linear weights could not be loaded ({type(e).__name__}); download {LPIPS_LIN_URL} "
+                 f"once into the torch hub cache (~/.cache/torch/hub/checkpoints/vgg.pth) or pass its path")
+        return {f"{i}.weight": state[f"lin{i}.model.1.weight"] for i in range(5)}
+
+    def forward(self, x, y):
+        h = (torch.cat([x, y]) - self.shift) / self.scale  # one VGG pass for both
+        dist, start = 0, 0
+        for tap, lin in zip(self.taps, self.lins):
+            h = self.vgg[start:tap + 1](h)
+            start = tap + 1
+            f = h.float() / (h.float().pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit norm per position
+            fx, fy = f.chunk(2)
+            dist = dist + lin((fx - fy) ** 2).mean((1, 2, 3))
+        return dist  # (B,)
+
+
+# -----------------------------------------------------------------------------
+# 3. tokenizer losses (SPEC §5); latent tokens are (B, N, 32), pixels in [-1, 1], every loss in fp32
+
+
+def hinge_d_loss(real_logits, fake_logits):
+    """Discriminator hinge loss: mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat)))."""
+    return F.relu(1 - real_logits.float()).mean() + F.relu(1 + fake_logits.float()).mean()
+
+
+def gram(tokens):
+    """(B, N, C) -> (B, N, N) cosine similarities of the tokens."""
+    tokens = F.normalize(tokens.float(), dim=-1)
+    return tokens @ tokens.transpose(1, 2)
+
+
+def ssr_loss(latent_tokens, target_tokens):
+    """Spatial structure: mean((G_z - G_T)^2) over the N x N entries; any channel widths."""
+    return (gram(latent_tokens) - gram(target_tokens)).pow(2).mean()
+
+
+def scr_loss(latent_tokens, target_tokens):
+    """Semantic consistency: (1 - cos(GAP(z), GAP(Z_T))) + mean_i(1 - cos(z_i, Z_T,i)); 0 aligned, 4 opposite."""
+    z, t = latent_tokens.float(), target_tokens.float()
+    pooled = 1 - F.cosine_similarity(z.mean(1), t.mean(1), dim=-1).mean()
+    return pooled + (1 - F.cosine_similarity(z, t, dim=-1)).mean()
+
+
+def l1_lpips(pred, target, lpips_net):
+    """[L1 + LPIPS] per image (B,), images in [-1, 1]."""
+    return (pred.float() - target.float()).abs().mean((1, 2, 3)) + lpips_net(pred.float(), target.float())
+
+
+def mcr_loss(recon, rotated, lpips_net):
+    """Cascaded manifold continuity (SPEC §5): each rotated decoding matches the next-less-perturbed one, which is
+    detached: [L1 + LPIPS](x_m, sg(x_r)) + [L1 + LPIPS](x_l, sg(x_m)). Images in [-1, 1]; one LPIPS pass."""
+    targets = [recon.detach()] + [x.detach() for x in rotated[:-1]]
+    return l1_lpips(torch.cat(rotated), torch.cat(targets), lpips_net).sum() / len(recon)
+
+
+def pae_loss(out, images01, lpips_net, refiner=None, disc=None, l1=1.0, lpips=1.0, gan=0.5, ssr=0.2, mcr=0.5,
+             scr=1.0, upsample="bilateral", lowpass=0.4):
+    """Total tokenizer loss (SPEC §5) from out = pae(images01, thetas_deg=(42.5, 85.0)) -> (total, parts). The GAN
+    term is on only when a discriminator is passed (after disc_start); SCR needs the frozen refiner (P_t); a zero
+    weight skips its term. parts: the unweighted terms, detached fp32 scalars for the log."""
+    x, recon = images01.float() * 2 - 1, out["recon"].float() * 2 - 1
+    parts = {"l1": (recon - x).abs().mean(), "lpips": lpips_net(recon, x).mean()}
+    if gan and disc is not None:
+        parts["gan"] = -disc(recon).float().mean()
+    latent_tokens = out["latent"].flatten(2).transpose(1, 2)  # (B, N, 32)
+    if ssr:
+        parts["ssr"] = ssr_loss(latent_tokens, structural_target(images01, out["vfm_tokens"], upsample, lowpass))
+    if mcr:
+        if not out["rotated"]:
+            fail("the MCR loss needs the rotated decodings: call pae(images, thetas_deg=(42.5, 85.0))")
+        parts["mcr"] = mcr_loss(recon, [r.float() * 2 - 1 for r in out["rotated"]], lpips_net)
+    if scr:
+        if refiner is None:
+            fail("the SCR loss needs the refined target network P_t: pass the refine-stage checkpoint")
+        with torch.no_grad():
+            z_t = refiner.target(out["vfm_tokens"])
+        parts["scr"] = scr_loss(latent_tokens, z_t)
+    weights = {"l1": l1, "lpips": lpips, "gan": gan, "ssr": ssr, "mcr": mcr, "scr": scr}
+    total = sum(weights[name] * value for name, value in parts.items())
+    return total, {name: value.detach() for name, value in parts.items()}
+
+
+def refine_loss(refiner, vfm_tokens, H_ref, gram_weight):
+    """L_refine = ||Q_t(P_t(H)) - H||^2 (mean) + gram_weight * mean((Gram(Z_T) - Gram(H_ref))^2)  (SPEC §4.6)."""
+    z_t = refiner.target(vfm_tokens)
+    rec = (refiner.reconstruct(z_t).float() - vfm_tokens.float()).pow(2).mean()
+    structure = ssr_loss(z_t, H_ref)
+    return rec + gram_weight * structure, {"rec": rec.detach(), "gram": structure.detach()}
+
+
+# -----------------------------------------------------------------------------
+# 4. latent-space diagnostics (SPEC §13)
+
+
+@torch.no_grad()
+def lpc(decode, latent, lpips_net, rhos=(0.1, 0.5, 1.0, 2.0), generator=None):
+    """Local perceptual continuity (lower is better): sum_rho w_rho E[(LPIPS(D(z+eps u), D(z)) + LPIPS(D(z-eps u),
+    D(z))) / 2], eps = rho ||z||, u a random unit direction per latent, w_rho ∝ 1/rho normalised. -> (B,)."""
+    B = len(latent)
+    clean = decode(latent) * 2 - 1
+    u = torch.randn(latent.shape, generator=generator, device=latent.device)
+    u = u / u.flatten(1).norm(dim=1).view(B, 1, 1, 1)
+    z_norm = latent.flatten(1).norm(dim=1).view(B, 1, 1, 1)
+    weights = torch.tensor([1 / r for r in rhos])
+    score = 0
+    for rho, w in zip(rhos, weights / weights.sum()):
+        shifted = decode(torch.cat([latent + rho * z_norm * u, latent - rho * z_norm * u])) * 2 - 1
+        score = score + w * lpips_net(shifted, torch.cat([clean, clean])).view(2, B).mean(0)
+    return score
+
+
+@torch.no_grad()
+def gsq(latents, labels):
+    """Global semantic quality (higher is better): pooled, centred, L2-normalised latents; fraction whose
+    leave-one-out cosine nearest neighbour has the same label. latents (M, C, H, W), labels (M,)."""
+    pooled = latents.float().mean((2, 3))
+    pooled = F.normalize(pooled - pooled.mean(0), dim=1)
+    sim = pooled @ pooled.T
+    sim.fill_diagonal_(-math.inf)
+    return (labels[sim.argmax(1)] == labels).float().mean().item()

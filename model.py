@@ -2,8 +2,11 @@
 PAE reference implementation: every network, plus a short section of shared plumbing.
 
 Sections (each marked with a banner):
-  1. LightningDiT        (SPEC §7)  the flow-matching generator trained on PAE latents
-  2. shared plumbing                config parsing, dist setup/teardown, print0, checkpoints, FLOPs
+  1. LightningDiT        (SPEC §7)    the flow-matching generator trained on PAE latents
+  2. PAE tokenizer       (SPEC §4)    frozen VFM, DAM, spherical latent, ViT decoder, build_pae
+  3. prior refinement    (SPEC §4.6)  P_t, Q_t and the structural target H_ref
+  4. PatchGAN            (SPEC §5)    the discriminator of the GAN loss
+  5. shared plumbing                  config parsing, dist setup/teardown, print0, checkpoints, FLOPs
 """
 
 import argparse
@@ -193,7 +196,402 @@ def build_dit(preset, in_channels=32, input_size=16, **overrides):
 
 
 # -----------------------------------------------------------------------------
-# 2. shared plumbing: config parsing, dist setup/teardown, print0, checkpoints, FLOPs
+# 2. PAE tokenizer (SPEC §4): frozen VFM, DAM, spherical latent, ViT decoder
+
+LATENT_CHANNELS = 32  # SPEC §4.3: every latent token lies on the sphere of radius sqrt(32)
+VFM_PRESETS = {  # name: (timm model, input px), SPEC §4.1; grid = input / patch = 16 for all four
+    "dinov2": ("vit_large_patch14_reg4_dinov2.lvd142m", 224),
+    "dinov3": ("vit_large_patch16_dinov3.lvd1689m", 256),
+    "siglip2": ("vit_so400m_patch16_siglip_256.v2_webli", 256),
+    "mae": ("vit_large_patch16_224.mae", 256),
+    "tiny": (None, 32),  # random 2-layer ViT, patch 4, width 64: CPU tests and smoke runs only
+}
+DECODER_PRESETS = {  # name: (width, depth, heads, mlp), SPEC §4.4
+    "tiny": (64, 2, 4, 256), "B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096), "XL": (1152, 28, 16, 4096),
+}
+
+
+def sphere(z, dim=1):
+    """Per-token RMS normalisation without affine (eps 1e-6): each token gets norm sqrt(channels). fp32."""
+    z = z.float()
+    return z * torch.rsqrt(z.pow(2).mean(dim, keepdim=True) + 1e-6)
+
+
+def mcr_rotate(latent, thetas_deg):
+    """[z_theta for each theta]: every token rotated by exactly theta towards one random direction d shared by
+    all thetas (SPEC §5 MCR); d is orthogonal to the token, has its norm, and is drawn without gradient."""
+    z = latent.detach()
+    d = torch.randn_like(z)
+    d = d - (d * z).sum(1, keepdim=True) / z.pow(2).sum(1, keepdim=True) * z  # remove the component along z
+    d = d * z.norm(dim=1, keepdim=True) / d.norm(dim=1, keepdim=True)
+    return [math.cos(math.radians(t)) * latent + math.sin(math.radians(t)) * d for t in thetas_deg]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with qkv bias: self-attention, or cross-attention to `context` when given."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        B, N, D = x.shape
+        q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, h, N, hd)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+
+def mlp(dim, hidden):
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm ViT block (decoder, Q_t, P_t)."""
+
+    def __init__(self, dim, heads, hidden):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), mlp(dim, hidden)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_vit(module):
+    """MAE-style init: xavier-uniform linears (and patch convs, flattened), zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class VFM(nn.Module):
+    """Frozen vision foundation model (SPEC §4.1): images01 -> last-layer patch tokens (B, N, W), no autograd."""
+
+    def __init__(self, name, pretrained=True, weights=None):
+        super().__init__()
+        import timm
+        timm_name, self.input_size = VFM_PRESETS[name]
+        if name == "tiny":
+            with torch.random.fork_rng(devices=[]):  # fixed seed: the same random VFM in every process and run
+                torch.manual_seed(0)
+                net = timm.models.vision_transformer.VisionTransformer(
+                    img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=0)
+            mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+            print0("VFM: tiny random ViT (2 layers, width 64), no pretrained weights: for CPU tests only")
+        else:
+            overlay = dict(file=weights) if weights else None
+            try:
+                net = timm.create_model(timm_name, pretrained=pretrained, img_size=self.input_size, num_classes=0,
+                                        pretrained_cfg_overlay=overlay)
+            except Exception as e:
+                fail(f"pretrained weights of {timm_name} could not be loaded ({type(e).__name__}: {str(e)[:200]}); "
+                     f"download them once into the Hugging Face cache with network access (e.g. `python -c \"import "
+                     f"timm; timm.create_model('{timm_name}', pretrained=True)\"`) or pass --vfm_weights PATH")
+            mean, std = net.pretrained_cfg["mean"], net.pretrained_cfg["std"]
+        self.width, self.patch = net.embed_dim, net.patch_embed.patch_size[0]
+        self.grid = self.input_size // self.patch
+        net.norm = nn.LayerNorm(self.width, eps=net.norm.eps, elementwise_affine=False)  # SPEC §4.1: no affine
+        self.net = net.requires_grad_(False).eval()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):  # always in eval mode, whatever the parent does
+        return super().train(False)
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """The frozen weights come from their pretrained source (or a fixed seed), never from a PAE checkpoint."""
+        return {} if destination is None else destination
+
+    def preprocess(self, images01):
+        """Bicubic resize to the VFM input size, then the VFM's own mean/std normalisation."""
+        if images01.shape[-1] != self.input_size or images01.shape[-2] != self.input_size:
+            images01 = F.interpolate(images01, size=self.input_size, mode="bicubic", align_corners=False,
+                                     antialias=True)
+        return (images01 - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward(self, images01):
+        tokens = self.net.forward_features(self.preprocess(images01))
+        return tokens[:, self.net.num_prefix_tokens:].float()  # (B, N, W), class and register tokens dropped
+
+
+class DAMBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.self_attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.cross_attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm_vfm = nn.LayerNorm(dim, eps=1e-6)  # keys/values = LayerNorm of the VFM tokens
+        self.norm3, self.mlp = nn.LayerNorm(dim, eps=1e-6), mlp(dim, 4 * dim)
+
+    def forward(self, x, vfm_tokens):
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), self.norm_vfm(vfm_tokens))
+        return x + self.mlp(self.norm3(x))
+
+
+class DAM(nn.Module):
+    """Detail-Aware Modulator (SPEC §4.2): pixel tokens attend to the VFM tokens; SFT fusion, zero at init."""
+
+    def __init__(self, width, heads, patch, grid, depth=6):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
+        self.pos_embed = nn.Parameter(sincos_2d(width, grid)[None], requires_grad=False)
+        self.blocks = nn.ModuleList([DAMBlock(width, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.sft = nn.Linear(width, 2 * width)
+        init_vit(self)
+        nn.init.zeros_(self.sft.weight)  # gamma = beta = 0 at init, so H_z = LayerNorm(H_vfm)
+        nn.init.zeros_(self.sft.bias)
+
+    def forward(self, pixels, vfm_tokens):
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, W)
+        for block in self.blocks:
+            x = block(x, vfm_tokens)
+        gamma, beta = self.sft(self.norm(x)).chunk(2, dim=-1)
+        return F.layer_norm(vfm_tokens * (1 + gamma) + beta, vfm_tokens.shape[-1:])  # H_z (B, N, W)
+
+
+class Projector(nn.Module):
+    """H_z (B, N, W) -> attention (no residual) -> 3x3 conv W -> 32 -> sphere: latent (B, 32, g, g)."""
+
+    def __init__(self, width, heads, grid):
+        super().__init__()
+        self.grid, self.attn = grid, Attention(width, heads)
+        self.conv = nn.Conv2d(width, LATENT_CHANNELS, 3, padding=1)
+        init_vit(self)
+
+    def forward(self, h_z):
+        x = self.attn(h_z).transpose(1, 2).unflatten(2, (self.grid, self.grid))  # (B, W, g, g)
+        return sphere(self.conv(x))
+
+
+class Deprojector(nn.Module):
+    """latent (B, 32, g, g) -> 3x3 conv 32 -> W -> attention (no residual) -> decoder input tokens (B, N, W)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.conv, self.attn = nn.Conv2d(LATENT_CHANNELS, width, 3, padding=1), Attention(width, heads)
+        init_vit(self)
+
+    def forward(self, latent):
+        return self.attn(self.conv(latent).flatten(2).transpose(1, 2))
+
+
+class ViTDecoder(nn.Module):
+    """RAE/MAE-style pixel decoder (SPEC §4.4): tokens (B, N, in_dim) -> VFM-normalised pixels (B, 3, g*p, g*p)."""
+
+    def __init__(self, in_dim, dim, depth, heads, hidden, grid, patch):
+        super().__init__()
+        self.grid, self.patch = grid, patch
+        self.embed = nn.Linear(in_dim, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        pos = torch.cat([torch.zeros(1, dim), sincos_2d(dim, grid)])  # the class token gets position 0
+        self.pos_embed = nn.Parameter(pos[None], requires_grad=False)
+        self.blocks = nn.ModuleList([ViTBlock(dim, heads, hidden) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, patch * patch * 3)
+        init_vit(self)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        x = self.head(self.norm(x))[:, 1:]  # (B, N, p*p*3), class token dropped
+        B, g, p = x.shape[0], self.grid, self.patch
+        return x.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, g * p, g * p)
+
+
+class PAE(nn.Module):
+    """Prior-Aligned AutoEncoder: frozen VFM + DAM -> spherical latent (B, 32, 16, 16) -> ViT decoder -> image."""
+
+    def __init__(self, vfm, dec_dim, dec_depth, dec_heads, dec_hidden, image_size=None, dam_depth=6):
+        super().__init__()
+        W, heads, g = vfm.width, vfm.width // 64, vfm.grid  # 16 heads for width 1024
+        self.image_size = image_size or 16 * g  # 256 px for the paper's 16x16 grid
+        if self.image_size % g:
+            fail(f"image_size {self.image_size} must be a multiple of the VFM token grid {g}")
+        self.vfm = vfm
+        self.dam = DAM(W, heads, vfm.patch, g, dam_depth)
+        self.projector = Projector(W, heads, g)
+        self.deprojector = Deprojector(W, heads)
+        self.decoder = ViTDecoder(W, dec_dim, dec_depth, dec_heads, dec_hidden, g, self.image_size // g)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]  # not the VFM, not the fixed sin-cos tables
+
+    def encode(self, images01, vfm_tokens=None):
+        """images01 (B, 3, H, W) in [0, 1] -> latent (B, 32, g, g); pass vfm_tokens if already computed."""
+        vfm_tokens = self.vfm(images01) if vfm_tokens is None else vfm_tokens
+        return self.projector(self.dam(self.vfm.preprocess(images01), vfm_tokens))
+
+    def decode(self, latent):
+        """latent (B, 32, g, g) -> images (B, 3, image_size, image_size) in [0, 1] (not clamped)."""
+        return self.decoder(self.deprojector(latent)) * self.vfm.std + self.vfm.mean
+
+    def forward(self, images01, thetas_deg=()):
+        """One training pass (one DDP call): the clean decoding and, for MCR, the decodings of the latent rotated
+        by each theta along one shared direction, all in one decoder batch."""
+        vfm_tokens = self.vfm(images01)
+        latent = self.encode(images01, vfm_tokens)
+        decoded = self.decode(torch.cat([latent, *mcr_rotate(latent, thetas_deg)])).chunk(1 + len(thetas_deg))
+        return {"vfm_tokens": vfm_tokens, "latent": latent, "recon": decoded[0], "rotated": list(decoded[1:])}
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Checkpoints hold no VFM weights (see VFM.state_dict), so those keys are not missing."""
+        missing, unexpected = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in missing if not k.startswith("vfm.")]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"PAE weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return missing, unexpected
+
+
+def build_pae(vfm="dinov2", decoder="L", pretrained=True, preset=None, vfm_weights=None, **overrides):
+    """PAE from presets (SPEC §3.4). preset='tiny': tiny VFM, DAM and decoder for CPU. overrides: image_size (px,
+    default 16 per token; tiny 32), dam_depth. pretrained=False skips loading VFM weights (e.g. on meta)."""
+    if preset == "tiny":
+        vfm, decoder, overrides = "tiny", "tiny", {"image_size": 32, "dam_depth": 2, **overrides}
+    elif preset is not None:
+        fail(f"unknown PAE preset {preset!r}; valid presets: tiny (or none for the paper configuration)")
+    if vfm not in VFM_PRESETS:
+        fail(f"unknown VFM {vfm!r}; valid names: {', '.join(VFM_PRESETS)}")
+    if decoder not in DECODER_PRESETS:
+        fail(f"unknown decoder {decoder!r}; valid names: {', '.join(DECODER_PRESETS)}")
+    pae = PAE(VFM(vfm, pretrained, vfm_weights), *DECODER_PRESETS[decoder], **overrides)
+    pae.pae_args = dict(vfm=vfm, decoder=decoder, vfm_weights=vfm_weights, **overrides)
+    return pae
+
+
+def pae_from_checkpoint(path, device="cpu"):
+    """PAE in eval mode from a 'pae' checkpoint: architecture from its pae_args, raw (non-EMA) weights as the
+    released code extracts latents with; the VFM is loaded from its pretrained source."""
+    ckpt = load_checkpoint(path, "pae")
+    pae = build_pae(**ckpt["pae_args"])
+    try:
+        pae.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        fail(f"checkpoint {path} does not match its recorded architecture {ckpt['pae_args']} ({e})")
+    return pae.to(device).eval()
+
+
+# -----------------------------------------------------------------------------
+# 3. VFM prior refinement (SPEC §4.6): targets Z_T = P_t(H_vfm), H_hat = Q_t(Z_T), structural target H_ref
+
+
+class PriorRefiner(nn.Module):
+    """P_t: RMS-normalised VFM tokens -> one ViT block -> linear W -> 32 -> sphere  [our reading, SPEC §4.6].
+    Q_t: linear 32 -> W -> `depth` ViT blocks -> LayerNorm -> linear W -> W."""
+
+    def __init__(self, vfm_width, depth=4):
+        super().__init__()
+        W, heads = vfm_width, max(1, vfm_width // 64)
+        self.target_block, self.target_out = ViTBlock(W, heads, 4 * W), nn.Linear(W, LATENT_CHANNELS)
+        self.recon_in = nn.Linear(LATENT_CHANNELS, W)
+        self.recon_blocks = nn.ModuleList([ViTBlock(W, heads, 4 * W) for _ in range(depth)])
+        self.recon_norm, self.recon_out = nn.LayerNorm(W, eps=1e-6), nn.Linear(W, W)
+        init_vit(self)
+        self.refiner_args = dict(vfm_width=vfm_width, depth=depth)
+
+    def target(self, vfm_tokens):  # (B, N, W) -> Z_T (B, N, 32), norm sqrt(32) per token
+        return sphere(self.target_out(self.target_block(sphere(vfm_tokens, dim=-1))), dim=-1)
+
+    def reconstruct(self, z_t):  # (B, N, 32) -> H_hat (B, N, W)
+        x = self.recon_in(z_t)
+        for block in self.recon_blocks:
+            x = block(x)
+        return self.recon_out(self.recon_norm(x))
+
+
+def build_refiner(vfm_width, preset=None, depth=4):
+    """P_t and Q_t for VFM tokens of width vfm_width; preset='tiny' uses a 1-layer Q_t."""
+    return PriorRefiner(vfm_width, depth=1 if preset == "tiny" else depth)
+
+
+def _joint_bilateral_up(features, guide, sigma_spatial=1.0, sigma_range=0.1, radius=1):
+    """Joint bilateral up-sampling (Kopf et al. 2007): features (B, C, g, g) -> (B, C, R, R), each pixel a mean of
+    its (2r+1)^2 nearest tokens weighted by spatial distance (in tokens) and colour distance of the guide image
+    (B, 3, R, R) in [0, 1] to the guide's mean colour under each token."""
+    B, C, g, _ = features.shape
+    R = guide.shape[-1]
+    s = R // g
+    guide_low = F.adaptive_avg_pool2d(guide, g)
+    pos = (torch.arange(R, device=guide.device) + 0.5) / s - 0.5  # pixel centres in token units
+    cell = torch.div(torch.arange(R, device=guide.device), s, rounding_mode="floor")
+    pad = lambda x: F.pad(x, (radius,) * 4)
+    feats, colours, valid = pad(features), pad(guide_low), pad(torch.ones(1, 1, g, g, device=guide.device))
+    num, den = 0, 0
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            up = lambda x: x[..., cell[:, None] + radius + dy, cell[None, :] + radius + dx]  # nearest, shifted
+            dist2 = (pos[:, None] - cell[:, None] - dy) ** 2 + (pos[None, :] - cell[None, :] - dx) ** 2
+            weight = up(valid) * torch.exp(-dist2 / (2 * sigma_spatial ** 2)
+                                           - (guide - up(colours)).pow(2).sum(1, keepdim=True) / (2 * sigma_range ** 2))
+            num, den = num + weight * up(feats), den + weight
+    return num / den
+
+
+@torch.no_grad()
+def structural_target(images01, vfm_tokens, upsample="bilateral", lowpass=0.4):
+    """H_ref (B, N, W) (SPEC §4.6): VFM tokens up-sampled to 16 px per token (256 px) guided by the image, low-pass
+    filtered, bilinear down to the token grid. The low-pass is a Gaussian blur with sigma = lowpass tokens
+    (0.4 * 16 = 6.4 px at 256). The whole map is linear in the tokens, so we push the identity through it once
+    per image, giving a (N, N) mixing matrix, and apply that to the tokens."""
+    if upsample not in ("bilateral", "bilinear"):
+        fail(f"unknown up-sampling {upsample!r}; valid: bilateral, bilinear")
+    B, N, W = vfm_tokens.shape
+    g = math.isqrt(N)
+    R = 16 * g
+    eye = torch.eye(N, device=vfm_tokens.device).view(1, N, g, g)
+    mixing = []
+    for image in images01.float().split(8):  # bounds memory: (8, N, R, R) floats at a time
+        guide = F.interpolate(image, size=R, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+        if upsample == "bilateral":
+            up = _joint_bilateral_up(eye.expand(len(image), -1, -1, -1), guide)
+        else:
+            up = F.interpolate(eye.expand(len(image), -1, -1, -1), size=R, mode="bilinear", align_corners=False)
+        if lowpass > 0:
+            sigma = lowpass * 16
+            taps = torch.arange(-math.ceil(3 * sigma), math.ceil(3 * sigma) + 1, device=up.device, dtype=up.dtype)
+            kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+            kernel = (kernel / kernel.sum()).repeat(N, 1, 1, 1)  # (N, 1, 1, k), one filter per channel
+            k = kernel.shape[-1] // 2
+            up = F.conv2d(F.pad(up, (k, k, 0, 0), mode="replicate"), kernel, groups=N)
+            up = F.conv2d(F.pad(up, (0, 0, k, k), mode="replicate"), kernel.transpose(-1, -2), groups=N)
+        down = F.interpolate(up, size=g, mode="bilinear", align_corners=False)  # (b, N_in, g, g)
+        mixing.append(down.flatten(2).transpose(1, 2))  # (b, N_out, N_in)
+    return torch.cat(mixing) @ vfm_tokens.float()
+
+
+# -----------------------------------------------------------------------------
+# 4. PatchGAN discriminator (SPEC §5)
+
+
+class PatchDiscriminator(nn.Module):
+    """3-layer PatchGAN (pix2pix): images in [-1, 1] (B, 3, H, W) -> logits (B, 1, h, w). GroupNorm instead of
+    BatchNorm [our reading], so results do not depend on the per-GPU batch."""
+
+    def __init__(self, channels=64, layers=3):
+        super().__init__()
+        mods, c = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
+        for i in range(1, layers + 1):
+            c_out = channels * min(2 ** i, 8)
+            mods += [nn.Conv2d(c, c_out, 4, 2 if i < layers else 1, 1, bias=False),
+                     nn.GroupNorm(min(32, c_out // 4), c_out), nn.LeakyReLU(0.2)]
+            c = c_out
+        self.net = nn.Sequential(*mods, nn.Conv2d(c, 1, 4, 1, 1))
+
+    def forward(self, images):
+        return self.net(images)
+
+
+# -----------------------------------------------------------------------------
+# 5. shared plumbing: config parsing, dist setup/teardown, print0, checkpoints, FLOPs
 
 CKPT_VERSION = 1
 

@@ -1,0 +1,304 @@
+"""
+Sample a trained LightningDiT: Euler ODE / Euler-Maruyama SDE on the shifted time grid with interval CFG,
+decoded by the PAE, written as an ADM-format .npz plus a PNG grid (SPEC §9).
+
+CPU smoke run:  python sample.py --preset tiny --ckpt out/tiny/dit/ckpt.pt
+One GPU:        python sample.py --ckpt out/dit/ckpt.pt                     (50k balanced, 250-step ODE + CFG)
+8 GPUs:         torchrun --nproc_per_node=8 sample.py --ckpt out/dit/ckpt.pt --fid_ref VIRTUAL_imagenet256_labeled.npz
+Two nodes:      torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+                    sample.py --ckpt out/dit/ckpt.pt          (out must be on a file system all nodes share)
+No guidance:    python sample.py --ckpt out/dit/ckpt.pt --sampler sde --cfg_scale 1
+A grid:         python sample.py --ckpt out/dit/ckpt.pt --labels 88,207,360,387 --out grid.npz
+800-epoch run:  add --preset 800ep (CFG 3.3 from t = 0.3)
+
+Every sample's noise comes from its own global index and the seed, and every batch (one shard file) is
+computed the same way on any rank, so the .npz is byte-identical for any number of processes. Finished
+shards are kept in OUT_shards/ until the end, so a restarted run skips them.
+"""
+
+# -----------------------------------------------------------------------------
+# imports
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from losses import shift_time
+from model import (Dist, atomic_write, autocast, build_dit, fail, load_checkpoint, pae_from_checkpoint, parse_config,
+                   print0)
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    preset: str = "80ep"  # 80ep (CFG 2.5 from t = 0.25) | 800ep (CFG 3.3 from t = 0.3) | tiny (CPU smoke run)
+    ckpt: str = "out/dit/ckpt.pt"  # DiT checkpoint written by train_dit.py
+    ae_ckpt: str = ""  # PAE checkpoint for decoding; empty = the one named in the latent cache's meta.json
+    use_ema: bool = True  # sample with the EMA weights (the paper's); false = the raw weights
+    out: str = "samples.npz"  # output .npz (arr_0 uint8 NHWC, labels); the grid goes next to it as .png
+    num_samples: int = 50_000  # class-balanced: num_samples / num_classes of every class
+    labels: str = ""  # e.g. "88,207,360": per_label samples of each listed class instead (one grid row each)
+    per_label: int = 8  # samples per class with --labels
+    sampler: str = "ode"  # ode (Euler) | sde (Euler-Maruyama, final mean step)
+    num_steps: int = 250  # points of the time grid (num_steps - 1 model evaluations), paper: 250
+    time_shift: float = 0.4  # grid t <- s*t / (1 + (s-1)*t), s = 0.4 (t = 1 is data)
+    cfg_scale: float = 2.5  # v = v_u + w*(v_c - v_u) on all channels; 1 = no guidance
+    cfg_interval_start: float = 0.25  # guidance only where the shifted t >= this
+    last_step_size: float = 0.004  # sde: the grid ends at 1 - this, then one noise-free (mean) step to 1
+    batch_size: int = 250  # samples per batch on one process = one shard file; fixed, so results ignore the rank count
+    seed: int = 0
+    compile: bool = True  # torch.compile the DiT (GPU only)
+    fid_ref: str = ""  # reference .npz for fid.py, run on the result at the end; empty = skip
+
+
+PRESETS = {
+    "80ep": dict(cfg_scale=2.5, cfg_interval_start=0.25),  # 80-epoch DiT (gFID 1.27)
+    "800ep": dict(cfg_scale=3.3, cfg_interval_start=0.3),  # 800-epoch DiT with qk_norm (gFID 1.03)
+    "tiny": dict(ckpt="out/tiny/dit/ckpt.pt", out="out/tiny/samples.npz", num_samples=100, num_steps=20,
+                 batch_size=25, compile=False),
+}
+SAMPLERS = ("ode", "sde")
+
+# -----------------------------------------------------------------------------
+# samplers (t = 0 is noise, t = 1 is data: x_t = t*x1 + (1-t)*x0, v = x1 - x0)
+
+
+def time_grid(num_steps, shift):
+    """num_steps points from 0 to 1, uniform then shifted (s < 1 puts more of them near the noise end)."""
+    return shift_time(torch.linspace(0, 1, num_steps, dtype=torch.float64), shift).tolist()
+
+
+def euler_ode(velocity, x, grid):
+    """Euler steps of dx/dt = v(x, t) along the grid; x stays fp32."""
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        x = x + (t_next - t) * velocity(x, t)
+    return x
+
+
+def euler_maruyama(velocity, x, grid, noise, last_step_size):
+    """Euler-Maruyama for dx = [v + w(t)*score] dt + sqrt(2 w(t)) dW, which has the ODE's marginals for any w.
+
+    score = -(x - t*v) / (1 - t) follows from v = E[x1 - x0 | x_t]. [our reading] w(t) = 1 - t (SiT's "sigma"
+    diffusion), so the drift is (1 + t)*v - x, finite at both ends. The grid is squeezed into [0, 1 - last_step]
+    and a final noise-free step of size last_step_size lands on t = 1. noise(i) gives step i's N(0, I) draw.
+    """
+    grid = [t * (1 - last_step_size) for t in grid]
+
+    def drift(x, t):
+        return (1 + t) * velocity(x, t) - x
+
+    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        dt = t_next - t
+        x = x + dt * drift(x, grid[i]) + (2 * (1 - t) * dt) ** 0.5 * noise(i)
+    return x + last_step_size * drift(x, grid[-1])
+
+
+def guided_velocity(model, labels, cfg_scale, cfg_interval_start, null_class):
+    """v(x, t) of the DiT with CFG v_u + w*(v_c - v_u) where t >= cfg_interval_start (both passes in one batch)."""
+
+    def velocity(x, t):
+        t_batch = torch.full((len(x),), t, device=x.device)
+        with autocast(x.device):
+            if cfg_scale == 1 or t < cfg_interval_start:  # guidance off: the conditional pass alone
+                return model(x, t_batch, labels).float()
+            null = torch.full_like(labels, null_class)
+            v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]),
+                                     torch.cat([labels, null])).float().chunk(2)
+        return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+    return velocity
+
+
+# -----------------------------------------------------------------------------
+# class-balanced, per-sample-seeded batches
+
+
+def classes_of(indices, num_classes, chosen, per_label):
+    """Class of each global sample index: round robin over all classes, or per_label in a row per chosen class."""
+    if chosen:
+        return [chosen[i // per_label] for i in indices]
+    return [i % num_classes for i in indices]
+
+
+def sample_latents(model, indices, labels, shape, cfg, null_class, device):
+    """Latents (B, C, H, W) of the given global sample indices, fp32; noise from one generator per sample."""
+    generators = [torch.Generator().manual_seed(cfg.seed * 2**32 + i) for i in indices]
+
+    def draw():  # (B, C, H, W), row b from sample b's own stream, so batching never changes a sample
+        return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+    velocity = guided_velocity(model, torch.tensor(labels, device=device), cfg.cfg_scale, cfg.cfg_interval_start,
+                               null_class)
+    grid = time_grid(cfg.num_steps, cfg.time_shift)
+    if cfg.sampler == "ode":
+        return euler_ode(velocity, draw(), grid)
+    return euler_maruyama(velocity, draw(), grid, lambda i: draw(), cfg.last_step_size)
+
+
+def to_uint8(images01):
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded rather than truncated (SPEC §12.4)."""
+    return (images01.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_npz(path, **arrays):
+    """np.savez with fixed zip timestamps, written atomically: equal arrays give byte-equal files."""
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, array in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with archive.open(info, "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, np.ascontiguousarray(array), allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def latent_meta(ckpt, path):
+    """The latent cache's meta.json (SPEC §3.3), or the copy stored in the DiT checkpoint if the cache is gone."""
+    meta_path = os.path.join(ckpt["config"].get("latents", ""), "meta.json")
+    stored = ckpt.get("latent_meta")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if stored and (stored["mean"], stored["std"]) != (meta["mean"], meta["std"]):
+            print0(f"warning: {meta_path} has other latent statistics than {path} was trained with; using the file")
+        return meta
+    if stored:
+        return stored
+    fail(f"no latent statistics for {path}: {meta_path} does not exist and the checkpoint holds no copy; "
+         f"restore the latent cache the DiT was trained on")
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    # --- setup
+    cfg = parse_config(Config, argv, PRESETS)
+    if cfg.sampler not in SAMPLERS:
+        fail(f"unknown sampler {cfg.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    if cfg.num_steps < 2:
+        fail(f"--num_steps {cfg.num_steps} is too small; the time grid needs at least 2 points")
+    d = Dist()
+    print0(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    # --- model: DiT (EMA by default), latent statistics and the PAE decoder, all found through the checkpoint
+    ckpt = load_checkpoint(cfg.ckpt, "dit")
+    if "model_args" not in ckpt:
+        fail(f"{cfg.ckpt} has no model_args; it was not written by train_dit.py")
+    args = ckpt["model_args"]
+    weights = ckpt["ema"] if cfg.use_ema else ckpt["model"]
+    if weights is None:
+        fail(f"{cfg.ckpt} holds no EMA weights; pass --use_ema false to sample with the raw weights")
+    model = build_dit(args["preset"], args["in_channels"], args["input_size"], num_classes=args["num_classes"],
+                      qk_norm=args["qk_norm"])
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        fail(f"{cfg.ckpt} does not match its model_args {args} ({str(e).splitlines()[0]})")
+    model = model.to(d.device).eval().requires_grad_(False)
+    if cfg.compile and d.device.type == "cuda":
+        model = torch.compile(model)
+    meta = latent_meta(ckpt, cfg.ckpt)
+    ae_path = cfg.ae_ckpt or meta.get("ae_ckpt", "")
+    if not os.path.isfile(ae_path):
+        fail(f"AE checkpoint {ae_path!r} (from {'--ae_ckpt' if cfg.ae_ckpt else 'the latent meta.json'}) does not "
+             f"exist; pass --ae_ckpt PATH")
+    pae = pae_from_checkpoint(ae_path, d.device)
+    channels, size, num_classes = args["in_channels"], args["input_size"], args["num_classes"]
+    if len(meta["mean"]) != channels:
+        fail(f"the latent statistics have {len(meta['mean'])} channels but {cfg.ckpt} models {channels}")
+    mean = torch.tensor(meta["mean"], device=d.device).view(1, -1, 1, 1)
+    std = torch.tensor(meta["std"], device=d.device).view(1, -1, 1, 1)
+
+    # --- which samples: class-balanced, or per_label of each chosen class
+    chosen = [int(c) for c in cfg.labels.split(",")] if cfg.labels else []
+    if any(not 0 <= c < num_classes for c in chosen):
+        fail(f"--labels {cfg.labels} has a class outside 0..{num_classes - 1}")
+    if chosen:
+        num_samples = len(chosen) * cfg.per_label
+    elif cfg.num_samples <= 0 or cfg.num_samples % num_classes:
+        fail(f"--num_samples {cfg.num_samples} is not a positive multiple of the {num_classes} classes; "
+             f"class-balanced sampling needs the same count of every class")
+    else:
+        num_samples = cfg.num_samples
+    num_shards = -(-num_samples // cfg.batch_size)
+    shard_dir = os.path.splitext(cfg.out)[0] + "_shards"
+
+    def shard_path(s):
+        return os.path.join(shard_dir, f"{s:06d}.npz")
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "fid_ref"}
+    settings_path = os.path.join(shard_dir, "settings.json")
+    if os.path.isfile(settings_path):
+        with open(settings_path) as f:
+            if json.load(f) != settings:
+                fail(f"{shard_dir} holds shards of a run with other settings; delete it or choose another --out")
+    d.barrier()
+    if d.master:
+        os.makedirs(shard_dir, exist_ok=True)
+        atomic_write(settings_path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
+    todo = [s for s in range(num_shards) if not os.path.isfile(shard_path(s))]
+    d.barrier()  # every rank has listed the unfinished shards before any new one appears
+    print0(f"{num_samples} samples in {num_shards} shards of {cfg.batch_size}; {num_shards - len(todo)} done "
+           f"already; {d.world_size} process(es)")
+
+    # --- loop: this rank's share of the unfinished shards, each written as soon as it is done
+    mine = todo[d.rank::d.world_size]
+    t0 = time.time()
+    for s in tqdm(mine, desc="sampling", disable=not d.master):
+        indices = range(s * cfg.batch_size, min((s + 1) * cfg.batch_size, num_samples))
+        labels = classes_of(indices, num_classes, chosen, cfg.per_label)
+        with torch.no_grad():
+            latent = sample_latents(model, indices, labels, (channels, size, size), cfg, num_classes, d.device)
+            with autocast(d.device):
+                images = pae.decode(latent * std + mean)  # de-normalise per channel (SPEC §3.3)
+        save_npz(shard_path(s), arr_0=to_uint8(images), labels=np.array(labels, dtype=np.int64))
+    elapsed = time.time() - t0
+    done = sum(min((s + 1) * cfg.batch_size, num_samples) - s * cfg.batch_size for s in mine)
+    print0(f"rank 0: {done} samples in {elapsed:.1f}s ({done / max(elapsed, 1e-9):.2f} samples/s per process)")
+    d.barrier()
+
+    # --- teardown: rank 0 merges the shards in index order into the .npz and the PNG grid
+    if d.master:
+        shards = [np.load(shard_path(s)) for s in range(num_shards)]
+        images = np.concatenate([shard["arr_0"] for shard in shards])
+        labels = np.concatenate([shard["labels"] for shard in shards])
+        save_npz(cfg.out, arr_0=images, labels=labels)
+        grid = torch.from_numpy(images[:len(chosen) * cfg.per_label if chosen else 64]).permute(0, 3, 1, 2)
+        save_image(grid.float() / 255, os.path.splitext(cfg.out)[0] + ".png", nrow=cfg.per_label if chosen else 8)
+        shutil.rmtree(shard_dir)
+        print0(f"wrote {cfg.out} (arr_0 {images.shape} uint8, labels) and {os.path.splitext(cfg.out)[0]}.png")
+    d.teardown()
+    if d.master and cfg.fid_ref:
+        run_fid(cfg)
+
+
+def run_fid(cfg):
+    """fid.py on the written .npz, as its own single process (the torchrun variables are dropped)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fid.py")
+    if not os.path.isfile(script):
+        fail(f"--fid_ref was given but {script} does not exist")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                                            "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
+    command = [sys.executable, script, cfg.out, "--ref", cfg.fid_ref]
+    print0(" ".join(command))
+    if subprocess.run(command, env=env).returncode != 0:
+        fail(f"fid.py failed on {cfg.out}; the samples are kept, rerun it by hand: {' '.join(command)}")
+
+
+if __name__ == "__main__":
+    main()

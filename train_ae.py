@@ -1,0 +1,786 @@
+"""
+Train the PAE tokenizer and extract the latent cache (SPEC §1, §4-§6, §13).
+
+Stages (--stage): refine (P_t/Q_t on frozen VFM features) -> ae (the PAE tokenizer) -> encode (the latent
+cache train_dit.py reads) and eval (PSNR, rFID, LPC, GSQ). With no --stage: refine, ae, then encode.
+
+CPU smoke run:  python train_ae.py --preset tiny                       (synthetic data, whole pipeline)
+One GPU:        python train_ae.py --data /data/imagenet/train --val_data /data/imagenet/val
+8 GPUs:         torchrun --nproc_per_node=8 train_ae.py --data /data/imagenet/train --val_data /data/imagenet/val
+Two nodes:      torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+                    train_ae.py --data /data/imagenet/train
+One stage:      add --stage refine | ae | encode | eval (ae needs --refine_ckpt or OUT_DIR/refine.pt,
+                encode/eval need --ae_ckpt or OUT_DIR/ae.pt)
+Resume:         add --resume (stage refine continues from OUT_DIR/ckpt_refine.pt, stage ae from
+                OUT_DIR/ckpt_ae.pt; in the full pipeline a stage whose final checkpoint exists is skipped)
+"""
+
+# -----------------------------------------------------------------------------
+# imports
+
+import copy
+import datetime
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torchvision
+from numpy.lib.format import open_memmap
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import losses
+import model as M
+
+try:
+    import fid
+except ImportError:  # fid.py is written concurrently; until it lands, stage eval reports no rFID
+    fid = None
+from model import (Dist, Logger, autocast, count_flops, ema_update, fail, format_duration, load_checkpoint,
+                   parse_config, peak_flops, print0, save_checkpoint, save_config)
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    preset: str = "paper"  # paper | tiny (random tiny VFM and decoder, 32 px synthetic images, a few steps)
+    stage: str = ""  # refine | ae | encode | eval; "" = refine (unless --refine_ckpt), ae, then encode
+    data: str = "synthetic"  # ImageFolder root (class sub-folders, e.g. ImageNet train) or "synthetic"
+    val_data: str = ""  # held-out ImageFolder (e.g. ImageNet val) for PSNR / eval; "" = held-out synthetic
+    # images when --data synthetic, else no held-out PSNR during training
+    out_dir: str = "out"  # refine.pt, ae.pt, ckpt_<stage>.pt, config.json, log.txt, grid_<step>.png
+    latents: str = "latents"  # stage encode writes the latent cache here (SPEC §3.3)
+    refine_ckpt: str = ""  # stage ae: refine checkpoint; "" = OUT_DIR/refine.pt
+    ae_ckpt: str = ""  # stages encode and eval: PAE checkpoint; "" = OUT_DIR/ae.pt
+    overwrite: bool = False  # stage encode: replace a complete latent cache
+    image_size: int = 256  # px; ADM center crop of ImageFolder images, size of synthetic images
+    synthetic_size: int = 1_281_167  # images in the synthetic dataset (ImageNet-1k train size)
+    vfm: str = "dinov2"  # dinov2 | dinov3 | siglip2 | mae (SPEC §4.1)
+    vfm_weights: str = ""  # local VFM weight file; "" = timm / Hugging Face cache
+    decoder: str = "L"  # pixel decoder preset: B | L | XL
+    batch_size: int = 256  # global batch (all ranks, all accumulation steps)
+    micro_batch_size: int = 0  # per-rank images per forward pass (also encode/eval batch); 0 = batch_size / world
+    refine_steps: int = 20_000  # stage refine length [our reading: the paper gives none]
+    max_steps: int = 125_000  # stage ae length: 25 epochs of ImageNet at batch 256
+    lr: float = 1e-4  # peak AdamW lr of both training stages and of the discriminator
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.05  # on >=2-D weights only
+    warmup: float = 0.05  # fraction of the steps with linear warm-up, then cosine
+    min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max grad norm
+    ema_decay: float = 0.9999  # stage ae EMA (latents are still extracted with the raw weights)
+    gram_weight: float = 1.0  # stage refine: lambda_gram of the Gram term [our reading]
+    upsample: str = "bilateral"  # structural target's feature up-sampler: bilateral | bilinear [our reading]
+    lowpass: float = 0.4  # structural target's low-pass strength (SPEC §4.6)
+    l1_weight: float = 1.0  # SPEC §5, the paper's weights
+    lpips_weight: float = 1.0
+    gan_weight: float = 0.5
+    ssr_weight: float = 0.2
+    mcr_weight: float = 0.5
+    scr_weight: float = 1.0
+    disc_start: int = 5000  # step at which the GAN losses switch on
+    eval_images: int = 50_000  # stage eval: held-out images for PSNR / rFID (all of them if fewer)
+    psnr_images: int = 1000  # held-out images for the periodic PSNR of stage ae
+    lpc_images: int = 1000  # stage eval: images for the LPC diagnostic (SPEC §13)
+    fid_weights: str = ""  # Inception weight file for rFID; "" = torch hub cache (see fid.py)
+    num_workers: int = 8  # data-loader processes per rank
+    seed: int = 0
+    log_every: int = 50  # steps
+    ckpt_every: int = 2500  # steps; also writes the PNG grid and the held-out PSNR
+    resume: bool = False  # continue from OUT_DIR/ckpt_<stage>.pt
+    compile: bool = True  # torch.compile the training step (GPU only; ignored on CPU)
+
+
+PRESETS = {
+    "paper": {},
+    "tiny": dict(image_size=32, synthetic_size=256, batch_size=8, micro_batch_size=4, refine_steps=6,
+                 max_steps=8, disc_start=4, log_every=2, ckpt_every=4, eval_images=32, psnr_images=8,
+                 lpc_images=4, num_workers=0, compile=False, out_dir="out/tiny", latents="out/tiny/latents"),
+}
+
+# -----------------------------------------------------------------------------
+# data: ImageFolder with the ADM center crop, a built-in synthetic dataset, a step-indexed sampler
+
+
+def center_crop_adm(image, size):
+    """ADM's center crop: halve with a box filter while the short side is >= 2*size, bicubic-resize the short
+    side to size, then crop the centre. PIL image -> uint8 tensor (3, size, size)."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return torch.from_numpy(array[top:top + size, left:left + size].copy()).permute(2, 0, 1)
+
+
+class ImageFolderADM(torch.utils.data.Dataset):
+    """root/CLASS/IMAGE files -> (uint8 image (3, S, S), label, skipped). An unreadable file is replaced by the
+    next readable one and counted in `skipped`, so a corrupt JPEG costs one warning, not the run."""
+
+    def __init__(self, root, size):
+        if not os.path.isdir(root):
+            fail(f"image folder {root} does not exist; pass --data DIR (class sub-folders) or --data synthetic")
+        try:
+            folder = torchvision.datasets.ImageFolder(root)
+        except (FileNotFoundError, OSError) as e:
+            fail(f"image folder {root} holds no class sub-folders with images ({e})")
+        self.samples, self.size, self.num_classes = folder.samples, size, len(folder.classes)
+        self.name = os.path.abspath(root)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        for skipped in range(len(self.samples)):
+            path, label = self.samples[(index + skipped) % len(self.samples)]
+            try:
+                with Image.open(path) as image:
+                    return center_crop_adm(image.convert("RGB"), self.size), label, skipped
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})", flush=True)
+        fail(f"no image in {self.name} can be read")
+
+
+SHAPES = ("disc", "square", "triangle", "ring")
+TEXTURES = ("solid", "stripes", "checker", "dots")
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """Procedural class-conditional images at any resolution, nothing downloaded: class = (shape, texture),
+    16 classes, label = index % 16 (balanced); colours, position, scale, rotation, texture frequency and
+    background gradient are drawn from a generator seeded by (seed, index), so image i is always the same."""
+
+    num_classes = len(SHAPES) * len(TEXTURES)
+
+    def __init__(self, count, size, seed=0):
+        self.count, self.size, self.seed = count, size, seed
+        self.name = f"synthetic(count={count}, size={size}, seed={seed})"
+        self.samples = None
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        label = index % self.num_classes
+        shape, texture = SHAPES[label // len(TEXTURES)], TEXTURES[label % len(TEXTURES)]
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0]))
+        rand = lambda *n: torch.rand(*n, generator=g)  # noqa: E731
+        S = self.size
+        y, x = torch.meshgrid((torch.arange(S) + 0.5) / S, (torch.arange(S) + 0.5) / S, indexing="ij")
+        angle = rand(1) * 2 * math.pi  # background: a linear gradient between two random colours
+        ramp = ((x - 0.5) * angle.cos() + (y - 0.5) * angle.sin()) / math.sqrt(2) + 0.5
+        background = rand(3, 1, 1) + (rand(3, 1, 1) - rand(3, 1, 1)) * ramp
+        cx, cy, scale, rot = 0.3 + 0.4 * rand(1), 0.3 + 0.4 * rand(1), 0.12 + 0.18 * rand(1), rand(1) * 2 * math.pi
+        u = ((x - cx) * rot.cos() + (y - cy) * rot.sin()) / scale  # shape coordinates: unit size, rotated
+        v = (-(x - cx) * rot.sin() + (y - cy) * rot.cos()) / scale
+        radius = (u ** 2 + v ** 2).sqrt()
+        inside = {  # signed distance (in shape units) to the outline, negative inside
+            "disc": radius - 1,
+            "square": torch.maximum(u.abs(), v.abs()) - 0.8,
+            "triangle": torch.maximum(torch.maximum(-v - 0.5, 0.866 * u + 0.5 * v - 0.5), -0.866 * u + 0.5 * v - 0.5),
+            "ring": (radius - 0.75).abs() - 0.25,
+        }[shape]
+        mask = (0.5 - inside * scale * S).clamp(0, 1)  # anti-aliased edge one pixel wide
+        f = 1.5 + 2.5 * rand(1)  # texture cycles per shape unit, so the texture scales with the shape
+        pattern = {
+            "solid": torch.zeros_like(u),
+            "stripes": (torch.sin(2 * math.pi * f * u) > 0).float(),
+            "checker": (torch.sin(2 * math.pi * f * u) * torch.sin(2 * math.pi * f * v) > 0).float(),
+            "dots": (((f * u) % 1 - 0.5) ** 2 + ((f * v) % 1 - 0.5) ** 2 < 0.09).float(),
+        }[texture]
+        ink, paper = rand(3, 1, 1), rand(3, 1, 1)
+        foreground = ink + (paper - ink) * pattern
+        image = background * (1 - mask) + foreground * mask + 0.02 * torch.randn(3, S, S, generator=g)
+        return (image.clamp(0, 1) * 255).round().to(torch.uint8), label, 0
+
+
+def make_dataset(cfg, held_out=False):
+    """The training images, or the held-out ones (None when there are none)."""
+    if held_out:
+        if cfg.val_data:
+            return ImageFolderADM(cfg.val_data, cfg.image_size)
+        if cfg.data == "synthetic":  # a different seed: images never seen in training
+            return SyntheticImages(max(cfg.eval_images, cfg.psnr_images), cfg.image_size, seed=cfg.seed + 1)
+        return None
+    if cfg.data == "synthetic":
+        return SyntheticImages(cfg.synthetic_size, cfg.image_size, seed=cfg.seed)
+    return ImageFolderADM(cfg.data, cfg.image_size)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """This rank's indices of every global batch from `start_step` on, forever. Epoch e is a permutation
+    seeded by (seed, e); step s takes the global batch perm[s*B:(s+1)*B] (whole batches only) and rank r
+    its slice [r*b:(r+1)*b]. The data of a step is thus the same for any world size and after a resume."""
+
+    def __init__(self, count, batch_size, rank, world_size, seed, start_step=0):
+        if count < batch_size:
+            fail(f"the dataset holds {count} images, fewer than one global batch of {batch_size}; "
+                 f"lower --batch_size")
+        self.count, self.batch_size, self.seed, self.start_step = count, batch_size, seed, start_step
+        self.per_rank = batch_size // world_size
+        self.mine = slice(rank * self.per_rank, (rank + 1) * self.per_rank)
+
+    def __iter__(self):
+        steps_per_epoch = self.count // self.batch_size
+        step, perm_epoch, perm = self.start_step, None, None
+        while True:
+            epoch, s = divmod(step, steps_per_epoch)
+            if epoch != perm_epoch:
+                perm_epoch = epoch
+                perm = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            yield from perm[s * self.batch_size:(s + 1) * self.batch_size][self.mine].tolist()
+            step += 1
+
+
+def shard_loader(cfg, dataset, lo, hi, batch):
+    """Images lo..hi-1 of the dataset in order (encode and eval), `batch` at a time."""
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch,
+                                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+
+
+def to_images01(batch, device):
+    """uint8 (B, 3, S, S) -> float in [0, 1] on the device."""
+    return batch.to(device, non_blocking=True).float() / 255
+
+# -----------------------------------------------------------------------------
+# stage encode: the latent cache of SPEC §3.3, written in place by all ranks
+
+
+@torch.no_grad()
+def encode_stage(cfg, d, log, ae_path):
+    meta_path = os.path.join(cfg.latents, "meta.json")
+    if os.path.isfile(meta_path) and not cfg.overwrite:
+        fail(f"{cfg.latents} already holds a complete latent cache; pass --overwrite to replace it or choose "
+             f"another --latents")
+    pae = M.pae_from_checkpoint(ae_path, device=d.device)
+    dataset = make_dataset(cfg)
+    count = len(dataset)
+    num_classes = dataset.num_classes
+    C, H, W = pae.encode(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=d.device)).shape[1:]
+    latents_path, labels_path = os.path.join(cfg.latents, "latents.npy"), os.path.join(cfg.latents, "labels.npy")
+    if d.master:  # rank 0 lays out the files; every rank then fills its own index range in place
+        os.makedirs(cfg.latents, exist_ok=True)
+        if os.path.exists(meta_path):
+            os.remove(meta_path)  # from here on the directory is an incomplete cache
+        open_memmap(latents_path, mode="w+", dtype=np.float16, shape=(count, 2, C, H, W)).flush()
+        open_memmap(labels_path, mode="w+", dtype=np.int64, shape=(count,)).flush()
+    d.barrier()
+    latents, labels = open_memmap(latents_path, mode="r+"), open_memmap(labels_path, mode="r+")
+    lo, hi = d.rank * count // d.world_size, (d.rank + 1) * count // d.world_size
+    batch = cfg.micro_batch_size or max(1, cfg.batch_size // d.world_size)
+    log(f"encode: {count} images of {dataset.name} and their flips with {ae_path} -> {cfg.latents} "
+        f"(latents {C}x{H}x{W}, {num_classes} classes, {d.world_size} ranks x batch {batch})")
+    skipped = torch.zeros((), device=d.device)
+    start, i = time.perf_counter(), lo
+    for images, y, skips in tqdm(shard_loader(cfg, dataset, lo, hi, batch), disable=not d.master, desc="encode",
+                                 unit="batch", dynamic_ncols=True):
+        x = to_images01(images, d.device)
+        with autocast(d.device):
+            pair = torch.stack([pae.encode(x), pae.encode(x.flip(-1))], dim=1)  # (B, 2, C, H, W)
+        latents[i:i + len(x)] = pair.half().cpu().numpy()
+        labels[i:i + len(x)] = y.numpy()
+        skipped += skips.sum()
+        i += len(x)
+    latents.flush(), labels.flush()
+    del latents, labels
+    skipped = int(round(d.all_reduce_mean(skipped).item() * d.world_size))
+    d.barrier()
+    seconds = time.perf_counter() - start
+    if d.master:
+        stored = np.load(latents_path, mmap_mode="r")
+        pick = np.random.default_rng(cfg.seed).choice(count, size=min(count, 10_000), replace=False)
+        sample = stored[np.sort(pick), 0].astype(np.float64)  # un-flipped latents, (n, C, H, W)
+        meta = {"ae_ckpt": ae_path, "channels": int(C), "size": int(H), "count": count, "num_classes": num_classes,
+                "mean": sample.mean(axis=(0, 2, 3)).tolist(), "std": sample.std(axis=(0, 2, 3)).tolist(),
+                "dataset": dataset.name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        M.atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))  # last: marks it complete
+    d.barrier()
+    log(f"encode: done, {count} images in {format_duration(seconds)} ({count / seconds:.1f} img/s, each encoded "
+        f"twice: image and flip)" + (f"; {skipped} unreadable images replaced by the next readable one" if skipped
+                                     else ""))
+
+# -----------------------------------------------------------------------------
+# training machinery shared by stages refine and ae
+
+
+class LossModule(torch.nn.Module):
+    """Runs a loss function as forward() of a module that holds the trained networks, so DDP (which syncs the
+    gradients of a module called through forward) and torch.compile see the whole step."""
+
+    def __init__(self, fn, **trained):
+        super().__init__()
+        self.fn, self.trained = fn, torch.nn.ModuleDict(trained)
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def wrap(cfg, d, module):
+    """Order of STYLE.md: the raw module is kept for saving and EMA; compile (GPU), then DDP."""
+    if cfg.compile and d.device.type == "cuda":
+        module = torch.compile(module)
+    if d.world_size > 1:
+        module = DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return module
+
+
+def make_optimizer(cfg, params, device):
+    """AdamW with weight decay on >=2-D weights only."""
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=device.type == "cuda")
+
+
+def get_lr(cfg, step, total_steps):
+    """Linear warm-up over the first `warmup` fraction of the steps, then cosine down to lr * min_lr_ratio."""
+    warmup = max(1, round(cfg.warmup * total_steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_layout(cfg, d):
+    """(per-rank batch, micro-batch, accumulation steps) from the global batch; fails if it does not divide."""
+    per_rank, rem = divmod(cfg.batch_size, d.world_size)
+    micro = cfg.micro_batch_size or per_rank
+    if rem or per_rank == 0 or per_rank % micro:
+        fail(f"batch_size {cfg.batch_size} is not divisible by world size {d.world_size} x micro_batch_size "
+             f"{micro}; choose a batch_size that is")
+    return per_rank, micro, per_rank // micro
+
+
+def micro_batches(cfg, d, loader, step):
+    """This rank's micro-batches of a step as (images01, seed): images h-flipped with a coin per global sample
+    drawn from (seed, step), and a torch seed per global micro-batch for the loss's own randomness (MCR
+    directions), so nothing depends on the world size as long as the micro-batch size is the same."""
+    per_rank, micro, accum = batch_layout(cfg, d)
+    flips = torch.rand(cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)) < 0.5
+    out, skipped = [], 0
+    for k in range(accum):
+        images, _, skips = next(loader)
+        first = d.rank * per_rank + k * micro  # global position of this micro-batch in the step's batch
+        images = torch.where(flips[first:first + micro].view(-1, 1, 1, 1), images.flip(-1), images)
+        out.append((to_images01(images, d.device), (cfg.seed * 1_000_003 + step) * 4099 + first // micro))
+        skipped += int(skips.sum())
+    return out, skipped
+
+
+def train_loader(cfg, d, dataset, start_step):
+    _, micro, _ = batch_layout(cfg, d)
+    sampler = StepSampler(len(dataset), cfg.batch_size, d.rank, d.world_size, cfg.seed, start_step)
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=cfg.num_workers,
+                                            pin_memory=d.device.type == "cuda", persistent_workers=cfg.num_workers > 0))
+
+
+class IntervalLog:
+    """Named loss parts summed on the device each step; one all-reduce and one .item() per log line, which
+    reports the interval mean over all ranks, lr, img/s (warm-up step excluded), MFU, memory and ETA."""
+
+    def __init__(self, cfg, d, log, name, total_steps, flops_per_image):
+        self.cfg, self.d, self.log, self.name, self.total = cfg, d, log, name, total_steps
+        self.flops, self.peak = flops_per_image, peak_flops(d.device)
+        self.sums, self.n, self.skipped, self.t0, self.step0 = {}, 0, 0, None, None
+
+    def add(self, step, parts, skipped):
+        for key, value in parts.items():
+            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+        self.n += 1
+        self.skipped += skipped
+        if self.t0 is None:  # the first step (compilation, allocator warm-up) is not timed
+            if self.d.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.t0, self.step0 = time.perf_counter(), step
+
+    def emit(self, step, lr):
+        keys = list(self.sums)
+        stats = torch.stack([self.sums[k] for k in keys] + [torch.tensor(float(self.skipped), device=self.d.device)])
+        stats = (self.d.all_reduce_mean(stats / self.n)).tolist()
+        elapsed = time.perf_counter() - self.t0
+        img_s = (step - self.step0) * self.cfg.batch_size / elapsed if step > self.step0 else float("nan")
+        mfu = f"{100 * img_s * self.flops / (self.peak * self.d.world_size):.1f}%" if self.peak and img_s == img_s else "-"
+        mem = f"{torch.cuda.max_memory_allocated(self.d.device) / 2**30:.1f}GiB" if self.d.device.type == "cuda" else "-"
+        eta = format_duration((self.total - step) * self.cfg.batch_size / img_s) if img_s == img_s else "-"
+        parts = " | ".join(f"{k} {v:.4f}" for k, v in zip(keys, stats))
+        skipped = round(stats[-1] * self.n * self.d.world_size)
+        self.log(f"{self.name} step {step}/{self.total} | {parts} | lr {lr:.2e} | {img_s:.1f} img/s | MFU {mfu} "
+                 f"| mem {mem} | ETA {eta}" + (f" | {skipped} unreadable images skipped" if skipped else ""))
+        self.sums, self.n, self.skipped = {}, 0, 0
+
+
+def step_flops(fn):
+    """FLOPs of one call of fn (forward + backward of one micro-batch), measured once at start-up."""
+    rng = torch.random.get_rng_state()
+    flops = count_flops(fn)
+    torch.random.set_rng_state(rng)
+    return flops
+
+
+def sync_context(module, sync):
+    """DDP all-reduces gradients only on the last micro-batch of a step."""
+    return module.no_sync() if isinstance(module, DDP) and not sync else torch.enable_grad()
+
+
+def build_pae(cfg, d):
+    """The PAE of the config on the device (random tiny VFM under --preset tiny)."""
+    return M.build_pae(vfm=cfg.vfm, decoder=cfg.decoder, pretrained=True, preset="tiny" if cfg.preset == "tiny" else None,
+                       vfm_weights=cfg.vfm_weights or None, image_size=cfg.image_size).to(d.device)
+
+
+def start_or_resume(cfg, d, log, path, kind):
+    """The checkpoint to continue from (None for a fresh start). Without --resume an existing one is an error,
+    so a finished or running stage is never overwritten by accident."""
+    if not os.path.isfile(path):
+        if cfg.resume:
+            log(f"--resume: {path} does not exist yet, so this stage starts from step 0")
+        return None
+    if not cfg.resume:
+        fail(f"{path} already exists; pass --resume to continue that run or choose another --out_dir")
+    ckpt = load_checkpoint(path, kind)
+    log(f"resuming from {path} at step {ckpt['step']}")
+    return ckpt
+
+# -----------------------------------------------------------------------------
+# stage refine: P_t / Q_t on frozen VFM features (SPEC §4.6)
+
+
+def refine_stage(cfg, d, log):
+    ckpt_path, final_path = os.path.join(cfg.out_dir, "ckpt_refine.pt"), os.path.join(cfg.out_dir, "refine.pt")
+    vfm = M.VFM("tiny" if cfg.preset == "tiny" else cfg.vfm, weights=cfg.vfm_weights or None).to(d.device)
+    probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=d.device)
+    refiner = M.build_refiner(vfm(probe).shape[-1], preset="tiny" if cfg.preset == "tiny" else None).to(d.device)
+    opt = make_optimizer(cfg, refiner.parameters(), d.device)
+    step = 0
+    ckpt = start_or_resume(cfg, d, log, ckpt_path, "refine")
+    if ckpt is not None:
+        refiner.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+
+    def refine_fn(images):
+        with torch.no_grad():
+            vfm_tokens = vfm(images)  # (B, N, W)
+            H_ref = M.structural_target(images, vfm_tokens, cfg.upsample, cfg.lowpass)
+        return losses.refine_loss(refiner, vfm_tokens, H_ref, cfg.gram_weight)
+
+    refine_train = wrap(cfg, d, LossModule(refine_fn, refiner=refiner))
+    _, micro, accum = batch_layout(cfg, d)
+    dataset = make_dataset(cfg)
+    flops = step_flops(lambda: refine_fn(probe.expand(micro, -1, -1, -1))[0].backward()) / micro
+    refiner.zero_grad(set_to_none=True)
+    n_params = sum(p.numel() for p in refiner.parameters())
+    log(f"refine: {n_params / 1e6:.2f}M trainable parameters, {flops / 1e9:.2f} GFLOP per image | data "
+        f"{dataset.name}: {len(dataset)} images | world {d.world_size} x micro-batch {micro} x accumulation {accum} "
+        f"= batch {cfg.batch_size} | {cfg.refine_steps} steps")
+    loader = train_loader(cfg, d, dataset, step)
+    meter = IntervalLog(cfg, d, log, "refine", cfg.refine_steps, flops)
+    refiner.train()
+    while step < cfg.refine_steps:
+        lr = get_lr(cfg, step, cfg.refine_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batches, skipped = micro_batches(cfg, d, loader, step)
+        parts_sum = {}
+        for k, (images, seed) in enumerate(batches):
+            torch.manual_seed(seed)
+            with sync_context(refine_train, k == accum - 1), autocast(d.device):
+                loss, parts = refine_train(images)
+                (loss / accum).backward()
+            for key, value in {"loss": loss, **parts}.items():
+                parts_sum[key] = parts_sum.get(key, 0) + value.detach().float() / accum
+        parts_sum["grad"] = torch.nn.utils.clip_grad_norm_(refiner.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        meter.add(step, parts_sum, skipped)
+        if step % cfg.log_every == 0 or step == cfg.refine_steps:
+            meter.emit(step, lr)
+        if step % cfg.ckpt_every == 0 or step == cfg.refine_steps:
+            if d.master:
+                save_checkpoint(ckpt_path, "refine", refiner, cfg, step, opt=opt, refiner_args=refiner.refiner_args)
+            d.barrier()
+    if d.master:
+        save_checkpoint(final_path, "refine", refiner, cfg, step, refiner_args=refiner.refiner_args)
+    d.barrier()
+    log(f"refine: done at step {step}, P_t/Q_t in {final_path}")
+    return final_path
+
+# -----------------------------------------------------------------------------
+# reconstruction metrics: PSNR, rFID, LPC, GSQ (SPEC §6, §13), shared by stages ae and eval
+
+THETAS = (42.5, 85.0)  # MCR rotation angles in degrees, theta_m and theta_l (SPEC §5)
+LPC_RHOS = (0.1, 0.5, 1.0, 2.0)  # LPC step sizes relative to |z| (SPEC §13)
+
+
+def psnr(recon01, images01):
+    """Per-image PSNR (dB) of 8-bit images: both are rounded to 0..255 first, as saved images would be."""
+    mse = ((recon01.clamp(0, 1) * 255).round() - (images01 * 255).round()).float().pow(2).mean((1, 2, 3))
+    return 10 * torch.log10(255 ** 2 / mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def write_grid(cfg, pae, dataset, path, device):
+    """PNG rows: input | reconstruction | decodings of the 42.5 and 85 degree perturbed latents (SPEC §5)."""
+    images = to_images01(torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]), device)
+    torch.manual_seed(cfg.seed)  # the same perturbation directions at every step
+    with autocast(device):
+        latent = pae.encode(images)
+        rows = [images, pae.decode(latent)] + [pae.decode(z) for z in M.mcr_rotate(latent, THETAS)]
+    torchvision.utils.save_image(torch.cat(rows).float().clamp(0, 1), path, nrow=len(images))
+
+
+@torch.no_grad()
+def evaluate(cfg, d, pae, dataset, count, lpips_net=None, inception=None):
+    """Reconstruct images 0..count-1 of the dataset, split over the ranks. Returns {"psnr"}, plus "lpc" (first
+    lpc_images images) and "gsq" with an LPIPS net, plus "rfid" with an Inception net from fid.py."""
+    lo, hi = d.rank * count // d.world_size, (d.rank + 1) * count // d.world_size
+    batch = cfg.micro_batch_size or max(1, cfg.batch_size // d.world_size)
+    sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # PSNR sum, LPC sum
+    moments = [torch.zeros(2048, dtype=torch.float64, device=d.device) for _ in range(2)]  # sum x: real, recon
+    cross = [torch.zeros(2048, 2048, dtype=torch.float64, device=d.device) for _ in range(2)]  # sum x x^T
+    pooled, labels = [], []
+    was_training = pae.training
+    pae.eval()
+    i = lo
+    for images, y, _ in tqdm(shard_loader(cfg, dataset, lo, hi, batch), disable=not d.master, desc="eval",
+                             unit="batch", dynamic_ncols=True, leave=False):
+        x = to_images01(images, d.device)
+        with autocast(d.device):
+            latent = pae.encode(x)
+            recon = pae.decode(latent).float().clamp(0, 1)
+        sums[0] += psnr(recon, x).double().sum()
+        pooled.append(latent.float().mean((2, 3)).cpu())  # (B, C) for GSQ
+        labels.append(y)
+        n = min(len(x), cfg.lpc_images - i)
+        if lpips_net is not None and n > 0:  # directions seeded by the global image index
+            g = torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + i)
+            with autocast(d.device):
+                sums[1] += losses.lpc(pae.decode, latent[:n].float(), lpips_net, LPC_RHOS, g).double().sum()
+        if inception is not None:
+            for k, imgs in enumerate((x, recon)):
+                uint8 = (imgs * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # NHWC, rounded (SPEC §9)
+                feats = torch.as_tensor(fid.inception_features(inception, uint8)["pool"], device=d.device).double()
+                moments[k] += feats.sum(0)
+                cross[k] += feats.T @ feats
+        i += len(x)
+    pae.train(was_training)
+    sums = d.all_reduce_mean(sums) * d.world_size
+    results = {"psnr": sums[0].item() / count}
+    if lpips_net is not None:
+        results["lpc"] = sums[1].item() / min(count, cfg.lpc_images)
+        results["gsq"], results["gsq_std"] = gsq(d, torch.cat(pooled), torch.cat(labels), cfg.seed)
+    if inception is not None:
+        stats = []
+        for k in range(2):  # mean and covariance (np.cov, N - 1) from all-reduced sums: no feature gather
+            s, ss = d.all_reduce_mean(moments[k]) * d.world_size, d.all_reduce_mean(cross[k]) * d.world_size
+            mu = s / count
+            stats += [mu.cpu().numpy(), ((ss - count * torch.outer(mu, mu)) / (count - 1)).cpu().numpy()]
+        results["rfid"] = fid.frechet_distance(*stats)
+    return results
+
+
+def gsq(d, pooled, labels, seed, classes_per_draw=100, draws=5):
+    """GSQ (SPEC §13) of pooled latents (M, C) gathered from all ranks: the paper's protocol of 5 draws of 100
+    random classes when there are more than 100, else one draw of all classes. -> (mean, std)."""
+    if d.world_size > 1:
+        gathered = [None] * d.world_size
+        torch.distributed.all_gather_object(gathered, (pooled, labels))
+        pooled, labels = torch.cat([p for p, _ in gathered]), torch.cat([y for _, y in gathered])
+    classes = labels.unique()
+    rng = np.random.default_rng(seed)
+    scores = []
+    for _ in range(draws if len(classes) > classes_per_draw else 1):
+        chosen = classes[torch.from_numpy(rng.permutation(len(classes))[:classes_per_draw])]
+        keep = torch.isin(labels, chosen)
+        scores.append(losses.gsq(pooled[keep][:, :, None, None], labels[keep]))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# -----------------------------------------------------------------------------
+# stage ae: the PAE tokenizer with all losses of SPEC §5 and the recipe of SPEC §6
+
+
+def ae_stage(cfg, d, log, refine_path):
+    ckpt_path, final_path = os.path.join(cfg.out_dir, "ckpt_ae.pt"), os.path.join(cfg.out_dir, "ae.pt")
+    tiny = cfg.preset == "tiny"
+    refine_ckpt = load_checkpoint(refine_path, "refine")
+    refiner = M.build_refiner(**refine_ckpt["refiner_args"])
+    refiner.load_state_dict(refine_ckpt["model"])
+    refiner = refiner.to(d.device).requires_grad_(False).eval()  # P_t supplies the SSR/SCR targets, frozen
+    lpips_net = losses.LPIPS(pretrained=not tiny).to(d.device).requires_grad_(False).eval()
+    torch.manual_seed(cfg.seed)
+    pae = build_pae(cfg, d)
+    disc = M.PatchDiscriminator().to(d.device)
+    ema = copy.deepcopy(pae).requires_grad_(False).eval()
+    opt = make_optimizer(cfg, pae.trainable_parameters(), d.device)
+    disc_opt = make_optimizer(cfg, disc.parameters(), d.device)
+    step = 0
+    ckpt = start_or_resume(cfg, d, log, ckpt_path, "pae")
+    if ckpt is not None:
+        pae.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        disc.load_state_dict(ckpt["disc"])
+        disc_opt.load_state_dict(ckpt["disc_opt"])
+        step = ckpt["step"]
+    weights = dict(l1=cfg.l1_weight, lpips=cfg.lpips_weight, gan=cfg.gan_weight, ssr=cfg.ssr_weight,
+                   mcr=cfg.mcr_weight, scr=cfg.scr_weight)
+
+    def generator_loss(pae_module, images, gan_on):
+        out = pae_module(images, thetas_deg=THETAS)  # one forward: encode, decode, decodings of rotated latents
+        total, parts = losses.pae_loss(out, images, lpips_net, refiner, disc if gan_on else None, **weights,
+                                       upsample=cfg.upsample, lowpass=cfg.lowpass)
+        return total, parts, out["recon"]
+
+    def disc_fn(images, fakes):
+        return losses.hinge_d_loss(disc(images * 2 - 1), disc(fakes * 2 - 1))
+
+    pae_train = wrap(cfg, d, pae)
+    disc_train = wrap(cfg, d, LossModule(disc_fn, disc=disc))
+    _, micro, accum = batch_layout(cfg, d)
+    dataset, held_out = make_dataset(cfg), make_dataset(cfg, held_out=True)
+    probe = torch.zeros(micro, 3, cfg.image_size, cfg.image_size, device=d.device)
+    flops = step_flops(lambda: generator_loss(pae, probe, False)[0].backward()) / micro
+    pae.zero_grad(set_to_none=True)
+    n_params = sum(p.numel() for p in pae.trainable_parameters())
+    log(f"ae: {n_params / 1e6:.2f}M trainable parameters, {flops / 1e9:.2f} GFLOP per image (generator, fwd+bwd) | "
+        f"P_t from {refine_path} | data {dataset.name}: {len(dataset)} images | world {d.world_size} x micro-batch "
+        f"{micro} x accumulation {accum} = batch {cfg.batch_size} | {cfg.max_steps} steps, GAN from step "
+        f"{cfg.disc_start}" + ("" if held_out is not None else " | no --val_data: no held-out PSNR"))
+    loader = train_loader(cfg, d, dataset, step)
+    meter = IntervalLog(cfg, d, log, "ae", cfg.max_steps, flops)
+
+    def checkpoint(step):
+        if d.master:
+            save_checkpoint(ckpt_path, "pae", pae, cfg, step, ema=ema, opt=opt, pae_args=pae.pae_args,
+                            disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
+            write_grid(cfg, pae, held_out or dataset, os.path.join(cfg.out_dir, f"grid_{step:07d}.png"), d.device)
+        if held_out is not None:
+            metrics = evaluate(cfg, d, pae, held_out, min(cfg.psnr_images, len(held_out)))
+            log(f"ae step {step}: held-out PSNR {metrics['psnr']:.2f} dB (raw weights, the ones encode uses)")
+        d.barrier()
+
+    pae.train()
+    while step < cfg.max_steps:
+        lr = get_lr(cfg, step, cfg.max_steps)
+        for group in opt.param_groups + disc_opt.param_groups:
+            group["lr"] = lr
+        gan_on = step >= cfg.disc_start
+        batches, skipped = micro_batches(cfg, d, loader, step)
+        parts_sum, fakes = {}, []
+        disc.requires_grad_(False)  # the generator step only needs gradients through D, not of D
+        for k, (images, seed) in enumerate(batches):
+            torch.manual_seed(seed)  # MCR directions: a function of (step, global micro-batch)
+            with sync_context(pae_train, k == accum - 1), autocast(d.device):
+                total, parts, recon = generator_loss(pae_train, images, gan_on)
+                (total / accum).backward()
+            fakes.append(recon.detach())
+            for key, value in {"loss": total, **parts}.items():
+                parts_sum[key] = parts_sum.get(key, 0) + value.detach().float() / accum
+        parts_sum["grad"] = torch.nn.utils.clip_grad_norm_(list(pae.trainable_parameters()), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update(ema, pae, cfg.ema_decay)
+        disc.requires_grad_(True)
+        if gan_on:  # hinge loss for D on this step's reconstructions
+            for k, ((images, _), fake) in enumerate(zip(batches, fakes)):
+                with sync_context(disc_train, k == accum - 1), autocast(d.device):
+                    disc_loss = disc_train(images, fake)
+                    (disc_loss / accum).backward()
+                parts_sum["disc"] = parts_sum.get("disc", 0) + disc_loss.detach().float() / accum
+            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+            disc_opt.step()
+            disc_opt.zero_grad(set_to_none=True)
+        step += 1
+        meter.add(step, parts_sum, skipped)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            meter.emit(step, lr)
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            checkpoint(step)
+    if d.master:
+        save_checkpoint(final_path, "pae", pae, cfg, step, ema=ema, pae_args=pae.pae_args)
+    d.barrier()
+    log(f"ae: done at step {step}, tokenizer in {final_path} (raw weights in 'model', EMA in 'ema')")
+    return os.path.abspath(final_path)
+
+# -----------------------------------------------------------------------------
+# stage eval: PSNR, rFID, LPC and GSQ of a PAE checkpoint on held-out images
+
+
+def eval_stage(cfg, d, log, ae_path):
+    dataset = make_dataset(cfg, held_out=True)
+    if dataset is None:
+        fail("stage eval needs held-out images: pass --val_data DIR (e.g. the ImageNet val folder with class "
+             "sub-folders)")
+    pae = M.pae_from_checkpoint(ae_path, device=d.device)
+    lpips_net = losses.LPIPS(pretrained=cfg.preset != "tiny").to(d.device).requires_grad_(False).eval()
+    inception = None if fid is None else fid.load_inception(cfg.fid_weights or None, device=d.device)
+    if inception is None:
+        log("eval: fid.py is not available, so no rFID")
+    count = min(cfg.eval_images, len(dataset))
+    log(f"eval: {ae_path} on {count} images of {dataset.name}")
+    metrics = evaluate(cfg, d, pae, dataset, count, lpips_net, inception)
+    log("eval: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if d.master:
+        M.atomic_write(os.path.join(cfg.out_dir, "eval.json"),
+                       lambda f: f.write(json.dumps({"ae_ckpt": ae_path, "images": count, **metrics}, indent=2).encode()))
+    return metrics
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, PRESETS)
+    stages = {"refine", "ae", "encode", "eval", ""}
+    if cfg.stage not in stages:
+        fail(f"unknown stage {cfg.stage!r}; valid stages: refine, ae, encode, eval (or none for the pipeline)")
+    if cfg.upsample not in ("bilateral", "bilinear"):
+        fail(f"unknown upsample {cfg.upsample!r}; valid values: bilateral, bilinear")
+    cfg.latents = os.path.abspath(cfg.latents)
+
+    # --- setup
+    d = Dist()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if d.master:
+        save_config(cfg, cfg.out_dir)
+    d.barrier()
+    log = Logger(cfg.out_dir, d.master)
+    log(json.dumps(asdict(cfg)))
+
+    # --- stages
+    if cfg.stage == "":
+        plan = (["ae"] if cfg.refine_ckpt else ["refine", "ae"]) + ["encode"]
+        log(f"no --stage given: running {' -> '.join(plan)}" + (f" (P_t from --refine_ckpt {cfg.refine_ckpt})"
+                                                                 if cfg.refine_ckpt else ""))
+    else:
+        plan = [cfg.stage]
+    refine_path = cfg.refine_ckpt or os.path.join(cfg.out_dir, "refine.pt")
+    ae_path = os.path.abspath(cfg.ae_ckpt or os.path.join(cfg.out_dir, "ae.pt"))
+    for stage in plan:
+        if stage == "refine":
+            refine_path = refine_stage(cfg, d, log)
+        elif stage == "ae":
+            ae_path = ae_stage(cfg, d, log, refine_path)
+        elif stage == "encode":
+            encode_stage(cfg, d, log, ae_path)
+        else:
+            eval_stage(cfg, d, log, ae_path)
+
+    # --- teardown
+    d.teardown()
+
+
+if __name__ == "__main__":
+    main()

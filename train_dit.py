@@ -1,0 +1,328 @@
+"""
+Train LightningDiT with flow matching on a PAE latent cache (SPEC §7, §8).
+
+CPU smoke run:  python train_dit.py --preset tiny --latents out/tiny/latents
+One GPU:        python train_dit.py --latents latents/
+8 GPUs:         torchrun --nproc_per_node=8 train_dit.py --latents latents/
+Two nodes:      torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+                    train_dit.py --latents latents/
+Resume:         add --resume (continues from OUT_DIR/ckpt.pt)
+Benchmark:      python train_dit.py --bench --model XL/1   (random latents; img/s, MFU, memory; compile off/on)
+"""
+
+# -----------------------------------------------------------------------------
+# imports
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from losses import flow_matching_loss, sample_timesteps
+from model import (Dist, Logger, autocast, build_dit, count_flops, ema_update, fail, format_duration,
+                   load_checkpoint, parse_config, peak_flops, save_checkpoint, save_config)
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    preset: str = "paper"  # paper | tiny (CPU-sized model and batch)
+    latents: str = "latents"  # latent cache directory written by train_ae.py --stage encode (SPEC §3.3)
+    out_dir: str = "out/dit"  # checkpoints, config.json, log.txt
+    model: str = "XL/1"  # DiT preset SIZE/PATCH: tiny, S, B, L, XL with patch 1 or 2
+    qk_norm: bool = False  # QK RMSNorm in attention (on for the 800-epoch recipe)
+    grad_ckpt: bool = False  # activation checkpointing per block (saves memory, costs ~30% speed)
+    batch_size: int = 1024  # global batch (all ranks, all accumulation steps)
+    micro_batch_size: int = 0  # per-rank batch of one forward pass; 0 = batch_size / world_size
+    max_steps: int = 100_000  # 80 epochs of ImageNet at batch 1024; 1M steps for 800 epochs
+    lr: float = 2e-4  # constant (released LightningDiT config)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.0  # on >=2-D weights only
+    grad_clip: float = 0.0  # max grad norm; 0 = off (the paper does not clip)
+    ema_decay: float = 0.9999
+    time_shift: float = 0.7  # logit-normal timesteps shifted towards noise, s = 0.7
+    label_dropout: float = 0.1  # labels replaced by the null class for classifier-free guidance
+    seed: int = 0
+    log_every: int = 100  # steps
+    ckpt_every: int = 5000  # steps; a checkpoint is also written at the end
+    resume: bool = False  # continue from out_dir/ckpt.pt
+    compile: bool = True  # torch.compile the model
+    bench: bool = False  # time bench_steps steps on random latents (no cache needed), compile off and on
+    bench_steps: int = 20
+
+
+PRESETS = {
+    "paper": {},
+    "tiny": dict(model="tiny/1", batch_size=32, max_steps=300, log_every=25, ckpt_every=100, compile=False,
+                 out_dir="out/tiny/dit", latents="out/tiny/latents"),
+}
+
+# -----------------------------------------------------------------------------
+# data: the memory-mapped latent cache
+
+
+class LatentCache:
+    """latents.npy (N, 2, C, H, W) float16 [image, flip], labels.npy (N,), meta.json; SPEC §3.3."""
+
+    def __init__(self, path):
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.isdir(path):
+            fail(f"latent directory {path} does not exist; write it with `train_ae.py --stage encode` or pass "
+                 f"--latents DIR")
+        if not os.path.isfile(meta_path):
+            fail(f"latent directory {path} has no meta.json, so the cache is incomplete (an interrupted encode?); "
+                 f"rerun `train_ae.py --stage encode --overwrite`")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        try:
+            self.latents = np.load(os.path.join(path, "latents.npy"), mmap_mode="r")
+            self.labels = np.load(os.path.join(path, "labels.npy"))
+        except (OSError, ValueError) as e:
+            fail(f"latent cache {path} cannot be read ({e}); rerun `train_ae.py --stage encode --overwrite`")
+        C, S, N = self.meta["channels"], self.meta["size"], self.meta["count"]
+        if self.latents.shape != (N, 2, C, S, S) or self.labels.shape != (N,):
+            fail(f"latent cache {path} holds latents {self.latents.shape} and labels {self.labels.shape}, but its "
+                 f"meta.json says {N} latents of {C}x{S}x{S}; rerun `train_ae.py --stage encode --overwrite`")
+        self.count, self.channels, self.size, self.num_classes = N, C, S, self.meta["num_classes"]
+        self.mean = torch.tensor(self.meta["mean"], dtype=torch.float32).view(1, C, 1, 1)
+        self.std = torch.tensor(self.meta["std"], dtype=torch.float32).view(1, C, 1, 1)
+        self._perms = {}
+
+    def indices(self, step, batch_size, seed):
+        """Global sample indices of a step: a pure function of the step, so resume needs no data state."""
+        positions = np.arange(step * batch_size, (step + 1) * batch_size)
+        out = np.empty(batch_size, dtype=np.int64)
+        for epoch in np.unique(positions // self.count):
+            if epoch not in self._perms:  # one shuffle per epoch, from (seed, epoch)
+                self._perms = {epoch: np.random.default_rng((seed, int(epoch))).permutation(self.count)}
+            sel = positions // self.count == epoch
+            out[sel] = self._perms[epoch][positions[sel] % self.count]
+        return out
+
+    def load(self, indices, flips, device):
+        """Normalised latents (B, C, H, W) float32 and labels (B,) on device."""
+        order = np.argsort(indices)  # sorted reads are kinder to the memory map
+        rows = self.latents[indices[order], flips[order].astype(np.int64)]
+        latents = torch.empty(len(indices), self.channels, self.size, self.size)
+        latents[torch.from_numpy(order)] = torch.from_numpy(rows.astype(np.float32))
+        latents = (latents - self.mean) / self.std
+        return latents.to(device, non_blocking=True), torch.from_numpy(self.labels[indices]).to(device)
+
+
+def step_randomness(cfg, step, shape, num_classes, device):
+    """Noise, timesteps, flips and label drops of the whole global batch, seeded by (seed, step) only:
+    identical for any world size and after a resume."""
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
+    B = cfg.batch_size
+    flips = torch.rand(B, generator=gen) < 0.5
+    drop = torch.rand(B, generator=gen) < cfg.label_dropout
+    t = sample_timesteps(B, cfg.time_shift, generator=gen)
+    noise = torch.randn(B, *shape, generator=gen)
+    return flips.numpy(), drop.to(device), t.to(device), noise.to(device)
+
+
+# -----------------------------------------------------------------------------
+# training step (shared by training and --bench)
+
+
+def train_step(cfg, model, raw_model, opt, micro_batches, device):
+    """One optimizer step over micro-batches of (latent, t, label, noise); returns (loss, grad norm) on device."""
+    total = torch.zeros((), device=device)
+    for i, (x1, t, y, x0) in enumerate(micro_batches):
+        xt = t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * x0
+        sync = i == len(micro_batches) - 1  # DDP all-reduces only on the last micro-batch
+        with (model.no_sync() if isinstance(model, DDP) and not sync else torch.enable_grad()), autocast(device):
+            loss = flow_matching_loss(model(xt, t, y), x1 - x0) / len(micro_batches)
+            loss.backward()
+        total += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total, grad_norm
+
+
+def make_optimizer(cfg, model, device):
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             fused=device.type == "cuda")
+
+
+def flops_per_image(model, channels, size, num_classes, device):
+    """Training FLOPs (forward + backward) of one image, counted once by FlopCounterMode."""
+    x = torch.zeros(1, channels, size, size, device=device)
+    t, y = torch.full((1,), 0.5, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    flops = count_flops(lambda: model(x, t, y).float().sum().backward())
+    model.zero_grad(set_to_none=True)
+    return flops
+
+
+def bench(cfg, d):
+    """img/s, MFU and peak memory of training steps on random latents, with compile off and on."""
+    channels, size, num_classes = 32, 16, 1000
+    micro = cfg.micro_batch_size or cfg.batch_size // d.world_size
+    for compiled in (False, True):
+        torch.manual_seed(cfg.seed)
+        raw = build_dit(cfg.model, channels, size, num_classes=num_classes, qk_norm=cfg.qk_norm,
+                        grad_ckpt=cfg.grad_ckpt).to(d.device)
+        flops = flops_per_image(raw, channels, size, num_classes, d.device)
+        model = torch.compile(raw) if compiled else raw
+        opt = make_optimizer(cfg, raw, d.device)
+        batch = [(torch.randn(micro, channels, size, size, device=d.device), torch.rand(micro, device=d.device),
+                  torch.randint(0, num_classes, (micro,), device=d.device),
+                  torch.randn(micro, channels, size, size, device=d.device))]
+        for _ in range(3):  # warm-up (and compilation)
+            train_step(cfg, model, raw, opt, batch, d.device)
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(cfg.bench_steps):
+            loss, _ = train_step(cfg, model, raw, opt, batch, d.device)
+        loss.item()
+        seconds = time.perf_counter() - start
+        img_s = micro * cfg.bench_steps / seconds
+        peak = peak_flops(d.device)
+        mfu = f"{100 * img_s * flops / peak:.1f}%" if peak else "n/a (no peak for this device)"
+        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if d.device.type == "cuda" else "n/a (CPU)"
+        print(f"bench {cfg.model} micro-batch {micro} compile={compiled}: {img_s:.1f} img/s | MFU {mfu} | "
+              f"peak memory {mem} | {flops / 1e9:.2f} GFLOP/img (fwd+bwd) | {seconds / cfg.bench_steps:.3f} s/step",
+              flush=True)
+        del model, raw, opt
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, PRESETS)
+
+    # --- setup
+    d = Dist()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if cfg.bench:
+        bench(cfg, d)
+        return d.teardown()
+    per_rank, rem = divmod(cfg.batch_size, d.world_size)
+    micro = cfg.micro_batch_size or per_rank
+    if rem or per_rank % micro:
+        fail(f"batch_size {cfg.batch_size} is not divisible by world size {d.world_size} x micro_batch_size "
+             f"{micro}; choose a batch_size that is")
+    accum = per_rank // micro
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume and not os.path.isfile(ckpt_path):
+        fail(f"--resume was given but {ckpt_path} does not exist; drop --resume to start a new run")
+    if not cfg.resume and os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} already exists; pass --resume to continue that run or choose another --out_dir")
+    cfg.latents = os.path.abspath(cfg.latents)
+
+    # --- data
+    data = LatentCache(cfg.latents)
+    shape = (data.channels, data.size, data.size)
+    model_args = dict(preset=cfg.model, in_channels=data.channels, input_size=data.size,
+                      num_classes=data.num_classes, qk_norm=cfg.qk_norm)
+
+    # --- model, EMA, compile, DDP
+    torch.manual_seed(cfg.seed)
+    raw_model = build_dit(cfg.model, data.channels, data.size, num_classes=data.num_classes, qk_norm=cfg.qk_norm,
+                          grad_ckpt=cfg.grad_ckpt).to(d.device)
+    # --- optimizer
+    opt = make_optimizer(cfg, raw_model, d.device)
+
+    # --- resume
+    step = 0
+    ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path, "dit")
+        if ckpt["model_args"] != model_args:
+            fail(f"{ckpt_path} was trained with {ckpt['model_args']}, but this run has {model_args} "
+                 f"(model flags or latent cache differ); use the same --model/--qk_norm/--latents")
+        raw_model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if d.world_size > 1:
+        model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+    if d.master:
+        save_config(cfg, cfg.out_dir)
+    d.barrier()
+    log = Logger(cfg.out_dir, d.master)
+    log(json.dumps(asdict(cfg)))
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    flops = flops_per_image(raw_model, data.channels, data.size, data.num_classes, d.device)
+    peak = peak_flops(d.device)
+    log(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters, {flops / 1e9:.2f} GFLOP per image (fwd+bwd) | "
+        f"data {data.count} latents {data.channels}x{data.size}x{data.size}, {data.num_classes} classes | "
+        f"world {d.world_size} x micro-batch {micro} x accumulation {accum} = batch {cfg.batch_size}"
+        + (f" | resumed at step {step}" if cfg.resume else ""))
+
+    # --- loop
+    def save(step):
+        if d.master:
+            save_checkpoint(ckpt_path, "dit", raw_model, cfg, step, ema=ema, opt=opt, model_args=model_args,
+                            latent_meta=data.meta)
+        d.barrier()
+
+    model.train()
+    loss_sum, grad_sum, n_logged = torch.zeros((), device=d.device), torch.zeros((), device=d.device), 0
+    timer_step, timer_start = None, None
+    first = step
+    while step < cfg.max_steps:
+        indices = data.indices(step, cfg.batch_size, cfg.seed)
+        flips, drop, t, noise = step_randomness(cfg, step, shape, data.num_classes, d.device)
+        mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
+        x1, y = data.load(indices[mine], flips[mine], d.device)
+        y = torch.where(drop[mine], data.num_classes, y)  # null class for CFG
+        t, x0 = t[mine], noise[mine]
+        batches = [(x1[i:i + micro], t[i:i + micro], y[i:i + micro], x0[i:i + micro])
+                   for i in range(0, per_rank, micro)]
+        if step == 0 and d.master:  # the zero-initialised model predicts 0: loss = E|x1 - x0|^2/dim + 1
+            expected = torch.cat([(b[0] - b[3]).pow(2).mean().view(1) for b in batches]).mean().item() + 1
+        loss, grad_norm = train_step(cfg, model, raw_model, opt, batches, d.device)
+        ema_update(ema, raw_model, cfg.ema_decay)
+        loss_sum += loss
+        grad_sum += grad_norm
+        n_logged += 1
+        step += 1
+        if step == first + 1:
+            if d.master and first == 0:
+                log(f"step 0 sanity: loss {loss.item():.4f}, expected {expected:.4f} (velocity MSE of a zero "
+                    f"prediction + cosine term 1; about 3 for normalised latents)")
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
+            timer_step, timer_start = step, time.perf_counter()  # throughput excludes the warm-up step
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            stats = torch.stack([loss_sum, grad_sum]) / n_logged
+            d.all_reduce_mean(stats)
+            elapsed = time.perf_counter() - timer_start
+            img_s = (step - timer_step) * cfg.batch_size / elapsed if step > timer_step else float("nan")
+            mfu = f"{100 * img_s * flops / (peak * d.world_size):.1f}%" if peak else "-"
+            mem = f"{torch.cuda.max_memory_allocated(d.device) / 2**30:.1f}GiB" if d.device.type == "cuda" else "-"
+            eta = format_duration((cfg.max_steps - step) * cfg.batch_size / img_s) if img_s == img_s else "-"
+            log(f"step {step}/{cfg.max_steps} | loss {stats[0].item():.4f} | lr {cfg.lr:.2e} | grad {stats[1].item():.3f} "
+                f"| {img_s:.1f} img/s | MFU {mfu} | mem {mem} | ETA {eta}")
+            loss_sum.zero_(), grad_sum.zero_()
+            n_logged = 0
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            save(step)
+
+    # --- teardown
+    log(f"done: {step} steps, checkpoint {ckpt_path}")
+    d.teardown()
+
+
+if __name__ == "__main__":
+    main()
