@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import fail, mcr_rotate, print0, structural_target
+from model import fail, print0, structural_target
 
 # -----------------------------------------------------------------------------
 # 1. flow matching (SPEC §8). t = 0 is noise, t = 1 is data: x_t = t*x1 + (1-t)*x0, v = x1 - x0.
@@ -102,16 +102,18 @@ class LPIPS(nn.Module):
                  f"once into the torch hub cache (~/.cache/torch/hub/checkpoints/vgg.pth) or pass its path")
         return {f"{i}.weight": state[f"lin{i}.model.1.weight"] for i in range(5)}
 
-    def forward(self, x, y):
-        h = (torch.cat([x, y]) - self.shift) / self.scale  # one VGG pass for both
-        dist, start = 0, 0
-        for tap, lin in zip(self.taps, self.lins):
+    def features(self, images):
+        """Unit-normalised (along channels) VGG16 features at the five LPIPS taps."""
+        h, start, feats = (images - self.shift) / self.scale, 0, []
+        for tap in self.taps:
             h = self.vgg[start:tap + 1](h)
             start = tap + 1
-            f = h.float() / (h.float().pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit norm per position
-            fx, fy = f.chunk(2)
-            dist = dist + lin((fx - fy) ** 2).mean((1, 2, 3))
-        return dist  # (B,)
+            feats.append(h.float() / (h.float().pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return feats
+
+    def forward(self, x, y):  # two VGG passes: the backward then skips a target that needs no gradient
+        return sum(lin((fx - fy) ** 2).mean((1, 2, 3)) for lin, fx, fy in zip(self.lins, self.features(x),
+                                                                              self.features(y)))  # (B,)
 
 
 # -----------------------------------------------------------------------------
@@ -124,9 +126,10 @@ def hinge_d_loss(real_logits, fake_logits):
 
 
 def gram(tokens):
-    """(B, N, C) -> (B, N, N) cosine similarities of the tokens."""
-    tokens = F.normalize(tokens.float(), dim=-1)
-    return tokens @ tokens.transpose(1, 2)
+    """(B, N, C) -> (B, N, N) cosine similarities of the tokens, in fp32 even under autocast."""
+    with torch.autocast(tokens.device.type, enabled=False):
+        tokens = F.normalize(tokens.float(), dim=-1)
+        return tokens @ tokens.transpose(1, 2)
 
 
 def ssr_loss(latent_tokens, target_tokens):

@@ -274,7 +274,9 @@ class VFM(nn.Module):
 
     def __init__(self, name, pretrained=True, weights=None):
         super().__init__()
-        import timm
+        import timm  # slow to import, and only the PAE needs it
+        if name not in VFM_PRESETS:
+            fail(f"unknown VFM {name!r}; valid names: {', '.join(VFM_PRESETS)}")
         timm_name, self.input_size = VFM_PRESETS[name]
         if name == "tiny":
             with torch.random.fork_rng(devices=[]):  # fixed seed: the same random VFM in every process and run
@@ -284,16 +286,17 @@ class VFM(nn.Module):
             mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
             print0("VFM: tiny random ViT (2 layers, width 64), no pretrained weights: for CPU tests only")
         else:
-            overlay = dict(file=weights) if weights else None
-            try:
+            if weights and not os.path.isfile(weights):
+                fail(f"VFM weights file {weights} does not exist; pass the path of a {timm_name} weight file")
+            try:  # timm's own loading: Hugging Face cache, or the local file (resampling the position embedding)
                 net = timm.create_model(timm_name, pretrained=pretrained, img_size=self.input_size, num_classes=0,
-                                        pretrained_cfg_overlay=overlay)
+                                        pretrained_cfg_overlay=dict(file=weights) if weights else None)
             except Exception as e:
-                fail(f"pretrained weights of {timm_name} could not be loaded ({type(e).__name__}: {str(e)[:200]}); "
-                     f"download them once into the Hugging Face cache with network access (e.g. `python -c \"import "
-                     f"timm; timm.create_model('{timm_name}', pretrained=True)\"`) or pass --vfm_weights PATH")
+                fail(f"could not load the pretrained weights of {timm_name} ({type(e).__name__}); fetch them once "
+                     f"into the Hugging Face cache on a machine with network access (python -c \"import timm; "
+                     f"timm.create_model('{timm_name}', pretrained=True)\") or pass a local file with --vfm_weights")
             mean, std = net.pretrained_cfg["mean"], net.pretrained_cfg["std"]
-        self.width, self.patch = net.embed_dim, net.patch_embed.patch_size[0]
+        self.width, self.heads, self.patch = net.embed_dim, net.blocks[0].attn.num_heads, net.patch_embed.patch_size[0]
         self.grid = self.input_size // self.patch
         net.norm = nn.LayerNorm(self.width, eps=net.norm.eps, elementwise_affine=False)  # SPEC §4.1: no affine
         self.net = net.requires_grad_(False).eval()
@@ -413,7 +416,7 @@ class PAE(nn.Module):
 
     def __init__(self, vfm, dec_dim, dec_depth, dec_heads, dec_hidden, image_size=None, dam_depth=6):
         super().__init__()
-        W, heads, g = vfm.width, vfm.width // 64, vfm.grid  # 16 heads for width 1024
+        W, heads, g = vfm.width, vfm.heads, vfm.grid  # DAM, projector and deprojector: the VFM's width and heads
         self.image_size = image_size or 16 * g  # 256 px for the paper's 16x16 grid
         if self.image_size % g:
             fail(f"image_size {self.image_size} must be a multiple of the VFM token grid {g}")
@@ -459,8 +462,6 @@ def build_pae(vfm="dinov2", decoder="L", pretrained=True, preset=None, vfm_weigh
         vfm, decoder, overrides = "tiny", "tiny", {"image_size": 32, "dam_depth": 2, **overrides}
     elif preset is not None:
         fail(f"unknown PAE preset {preset!r}; valid presets: tiny (or none for the paper configuration)")
-    if vfm not in VFM_PRESETS:
-        fail(f"unknown VFM {vfm!r}; valid names: {', '.join(VFM_PRESETS)}")
     if decoder not in DECODER_PRESETS:
         fail(f"unknown decoder {decoder!r}; valid names: {', '.join(DECODER_PRESETS)}")
     pae = PAE(VFM(vfm, pretrained, vfm_weights), *DECODER_PRESETS[decoder], **overrides)
@@ -468,11 +469,14 @@ def build_pae(vfm="dinov2", decoder="L", pretrained=True, preset=None, vfm_weigh
     return pae
 
 
-def pae_from_checkpoint(path, device="cpu"):
+def pae_from_checkpoint(path, device="cpu", decode_only=False):
     """PAE in eval mode from a 'pae' checkpoint: architecture from its pae_args, raw (non-EMA) weights as the
-    released code extracts latents with; the VFM is loaded from its pretrained source."""
+    released code extracts latents with; the VFM is loaded from its pretrained source. decode_only=True skips
+    the VFM weights, which decoding never uses (sample.py); such a PAE must not encode."""
     ckpt = load_checkpoint(path, "pae")
-    pae = build_pae(**ckpt["pae_args"])
+    if "pae_args" not in ckpt:
+        fail(f"checkpoint {path} has no 'pae_args' entry; it was not written by train_ae.py --stage ae")
+    pae = build_pae(**ckpt["pae_args"], pretrained=not decode_only)
     try:
         pae.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -513,12 +517,12 @@ def build_refiner(vfm_width, preset=None, depth=4):
     return PriorRefiner(vfm_width, depth=1 if preset == "tiny" else depth)
 
 
-def _joint_bilateral_up(features, guide, sigma_spatial=1.0, sigma_range=0.1, radius=1):
+def _joint_bilateral_up(features, guide, sigma_spatial=0.5, sigma_range=0.1, radius=1):
     """Joint bilateral up-sampling (Kopf et al. 2007): features (B, C, g, g) -> (B, C, R, R), each pixel a mean of
     its (2r+1)^2 nearest tokens weighted by spatial distance (in tokens) and colour distance of the guide image
-    (B, 3, R, R) in [0, 1] to the guide's mean colour under each token."""
-    B, C, g, _ = features.shape
-    R = guide.shape[-1]
+    (B, 3, R, R) in [0, 1] to the guide's mean colour under each token. sigma_spatial 0.5 tokens makes the 3 x 3
+    window's cut negligible (weight 0.01 at its edge)  [our reading]."""
+    g, R = features.shape[-1], guide.shape[-1]
     s = R // g
     guide_low = F.adaptive_avg_pool2d(guide, g)
     pos = (torch.arange(R, device=guide.device) + 0.5) / s - 0.5  # pixel centres in token units
@@ -536,36 +540,39 @@ def _joint_bilateral_up(features, guide, sigma_spatial=1.0, sigma_range=0.1, rad
     return num / den
 
 
+def _structural_mixing(images01, g, upsample, lowpass):
+    """(b, N, N) matrix taking the g x g tokens to H_ref for each image (see structural_target)."""
+    b, N, s = len(images01), g * g, max(1, images01.shape[-1] // g)  # s: pixels per token
+    guide = F.interpolate(images01, size=s * g, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    eye = torch.eye(N, device=images01.device).view(1, N, g, g).expand(b, -1, -1, -1)
+    if upsample == "bilateral":
+        up = _joint_bilateral_up(eye, guide)
+    else:
+        up = F.interpolate(eye, size=s * g, mode="bilinear", align_corners=False)
+    if lowpass > 0:  # separable Gaussian blur, sigma = lowpass tokens = lowpass * s pixels
+        sigma = lowpass * s
+        taps = torch.arange(-math.ceil(3 * sigma), math.ceil(3 * sigma) + 1, device=up.device, dtype=up.dtype)
+        kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+        kernel = (kernel / kernel.sum()).repeat(N, 1, 1, 1)  # (N, 1, 1, k), one filter per channel
+        k = kernel.shape[-1] // 2
+        up = F.conv2d(F.pad(up, (k, k, 0, 0), mode="replicate"), kernel, groups=N)
+        up = F.conv2d(F.pad(up, (0, 0, k, k), mode="replicate"), kernel.transpose(-1, -2), groups=N)
+    down = F.interpolate(up, size=g, mode="bilinear", align_corners=False)  # (b, N_in, g, g)
+    return down.flatten(2).transpose(1, 2)  # (b, N_out, N_in)
+
+
 @torch.no_grad()
 def structural_target(images01, vfm_tokens, upsample="bilateral", lowpass=0.4):
-    """H_ref (B, N, W) (SPEC §4.6): VFM tokens up-sampled to 16 px per token (256 px) guided by the image, low-pass
-    filtered, bilinear down to the token grid. The low-pass is a Gaussian blur with sigma = lowpass tokens
-    (0.4 * 16 = 6.4 px at 256). The whole map is linear in the tokens, so we push the identity through it once
-    per image, giving a (N, N) mixing matrix, and apply that to the tokens."""
+    """H_ref (B, N, W) (SPEC §4.6): VFM tokens up-sampled to the image resolution (256 px: 16 px per token) guided
+    by the image, low-pass filtered, bilinear down to the token grid. The low-pass is a Gaussian blur with sigma =
+    lowpass tokens (0.4 * 16 = 6.4 px at 256 px). The whole map is linear in the tokens, so we push the identity
+    through it once per image, giving an (N, N) mixing matrix, and apply that to the tokens."""
     if upsample not in ("bilateral", "bilinear"):
         fail(f"unknown up-sampling {upsample!r}; valid: bilateral, bilinear")
-    B, N, W = vfm_tokens.shape
-    g = math.isqrt(N)
-    R = 16 * g
-    eye = torch.eye(N, device=vfm_tokens.device).view(1, N, g, g)
-    mixing = []
-    for image in images01.float().split(8):  # bounds memory: (8, N, R, R) floats at a time
-        guide = F.interpolate(image, size=R, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-        if upsample == "bilateral":
-            up = _joint_bilateral_up(eye.expand(len(image), -1, -1, -1), guide)
-        else:
-            up = F.interpolate(eye.expand(len(image), -1, -1, -1), size=R, mode="bilinear", align_corners=False)
-        if lowpass > 0:
-            sigma = lowpass * 16
-            taps = torch.arange(-math.ceil(3 * sigma), math.ceil(3 * sigma) + 1, device=up.device, dtype=up.dtype)
-            kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
-            kernel = (kernel / kernel.sum()).repeat(N, 1, 1, 1)  # (N, 1, 1, k), one filter per channel
-            k = kernel.shape[-1] // 2
-            up = F.conv2d(F.pad(up, (k, k, 0, 0), mode="replicate"), kernel, groups=N)
-            up = F.conv2d(F.pad(up, (0, 0, k, k), mode="replicate"), kernel.transpose(-1, -2), groups=N)
-        down = F.interpolate(up, size=g, mode="bilinear", align_corners=False)  # (b, N_in, g, g)
-        mixing.append(down.flatten(2).transpose(1, 2))  # (b, N_out, N_in)
-    return torch.cat(mixing) @ vfm_tokens.float()
+    g = math.isqrt(vfm_tokens.shape[1])
+    with torch.autocast(vfm_tokens.device.type, enabled=False):  # a target: fp32 throughout
+        mixing = [_structural_mixing(chunk, g, upsample, lowpass) for chunk in images01.float().split(8)]
+        return torch.cat(mixing) @ vfm_tokens.float()  # chunks of 8 images bound memory: (8, N, 256, 256)
 
 
 # -----------------------------------------------------------------------------
@@ -730,9 +737,9 @@ def load_checkpoint(path, kind):
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    ema_params = list(ema.parameters())
-    params = [p for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model, over trainable parameters only (frozen ones never change)."""
+    pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
 
 
 def peak_flops(device):

@@ -53,7 +53,7 @@ class Config:
     labels: str = ""  # e.g. "88,207,360": per_label samples of each listed class instead (one grid row each)
     per_label: int = 8  # samples per class with --labels
     sampler: str = "ode"  # ode (Euler) | sde (Euler-Maruyama, final mean step)
-    num_steps: int = 250  # points of the time grid (num_steps - 1 model evaluations), paper: 250
+    num_steps: int = 250  # points of the time grid = num_steps - 1 Euler steps (sde: plus the mean step); paper 250
     time_shift: float = 0.4  # grid t <- s*t / (1 + (s-1)*t), s = 0.4 (t = 1 is data)
     cfg_scale: float = 2.5  # v = v_u + w*(v_c - v_u) on all channels; 1 = no guidance
     cfg_interval_start: float = 0.25  # guidance only where the shifted t >= this
@@ -62,13 +62,14 @@ class Config:
     seed: int = 0
     compile: bool = True  # torch.compile the DiT (GPU only)
     fid_ref: str = ""  # reference .npz for fid.py, run on the result at the end; empty = skip
+    fid_weights: str = ""  # fid.py --weights: local Inception file ("random" for tests); empty = fid.py's default
 
 
 PRESETS = {
     "80ep": dict(cfg_scale=2.5, cfg_interval_start=0.25),  # 80-epoch DiT (gFID 1.27)
     "800ep": dict(cfg_scale=3.3, cfg_interval_start=0.3),  # 800-epoch DiT with qk_norm (gFID 1.03)
-    "tiny": dict(ckpt="out/tiny/dit/ckpt.pt", out="out/tiny/samples.npz", num_samples=100, num_steps=20,
-                 batch_size=25, compile=False),
+    "tiny": dict(ckpt="out/tiny/dit/ckpt.pt", out="out/tiny/samples.npz", num_samples=64, num_steps=20,
+                 batch_size=16, compile=False),  # 64 = 4 of each of the 16 synthetic classes
 }
 SAMPLERS = ("ode", "sde")
 
@@ -102,7 +103,7 @@ def euler_maruyama(velocity, x, grid, noise, last_step_size):
 
     for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         dt = t_next - t
-        x = x + dt * drift(x, grid[i]) + (2 * (1 - t) * dt) ** 0.5 * noise(i)
+        x = x + dt * drift(x, t) + (2 * (1 - t) * dt) ** 0.5 * noise(i)
     return x + last_step_size * drift(x, grid[-1])
 
 
@@ -217,7 +218,7 @@ def main(argv=None):
     if not os.path.isfile(ae_path):
         fail(f"AE checkpoint {ae_path!r} (from {'--ae_ckpt' if cfg.ae_ckpt else 'the latent meta.json'}) does not "
              f"exist; pass --ae_ckpt PATH")
-    pae = pae_from_checkpoint(ae_path, d.device)
+    pae = pae_from_checkpoint(ae_path, d.device, decode_only=True)
     channels, size, num_classes = args["in_channels"], args["input_size"], args["num_classes"]
     if len(meta["mean"]) != channels:
         fail(f"the latent statistics have {len(meta['mean'])} channels but {cfg.ckpt} models {channels}")
@@ -225,8 +226,8 @@ def main(argv=None):
     std = torch.tensor(meta["std"], device=d.device).view(1, -1, 1, 1)
 
     # --- which samples: class-balanced, or per_label of each chosen class
-    chosen = [int(c) for c in cfg.labels.split(",")] if cfg.labels else []
-    if any(not 0 <= c < num_classes for c in chosen):
+    chosen = [int(c) for c in cfg.labels.split(",") if c.strip().isdigit()] if cfg.labels else []
+    if len(chosen) != len(cfg.labels.split(",")) * bool(cfg.labels) or any(c >= num_classes for c in chosen):
         fail(f"--labels {cfg.labels} has a class outside 0..{num_classes - 1}")
     if chosen:
         num_samples = len(chosen) * cfg.per_label
@@ -241,7 +242,7 @@ def main(argv=None):
     def shard_path(s):
         return os.path.join(shard_dir, f"{s:06d}.npz")
 
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "fid_ref"}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("fid_")}
     settings_path = os.path.join(shard_dir, "settings.json")
     if os.path.isfile(settings_path):
         with open(settings_path) as f:
@@ -264,8 +265,8 @@ def main(argv=None):
         labels = classes_of(indices, num_classes, chosen, cfg.per_label)
         with torch.no_grad():
             latent = sample_latents(model, indices, labels, (channels, size, size), cfg, num_classes, d.device)
-            with autocast(d.device):
-                images = pae.decode(latent * std + mean)  # de-normalise per channel (SPEC §3.3)
+            # de-normalise per channel (SPEC §3.3); decode in fp32, as bf16 is too coarse near 1.0 for uint8 rounding
+            images = pae.decode(latent * std + mean)
         save_npz(shard_path(s), arr_0=to_uint8(images), labels=np.array(labels, dtype=np.int64))
     elapsed = time.time() - t0
     done = sum(min((s + 1) * cfg.batch_size, num_samples) - s * cfg.batch_size for s in mine)
@@ -274,7 +275,7 @@ def main(argv=None):
 
     # --- teardown: rank 0 merges the shards in index order into the .npz and the PNG grid
     if d.master:
-        shards = [np.load(shard_path(s)) for s in range(num_shards)]
+        shards = [dict(np.load(shard_path(s))) for s in range(num_shards)]
         images = np.concatenate([shard["arr_0"] for shard in shards])
         labels = np.concatenate([shard["labels"] for shard in shards])
         save_npz(cfg.out, arr_0=images, labels=labels)
@@ -295,6 +296,8 @@ def run_fid(cfg):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                                                             "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
     command = [sys.executable, script, cfg.out, "--ref", cfg.fid_ref]
+    if cfg.fid_weights:
+        command += ["--weights", cfg.fid_weights]
     print0(" ".join(command))
     if subprocess.run(command, env=env).returncode != 0:
         fail(f"fid.py failed on {cfg.out}; the samples are kept, rerun it by hand: {' '.join(command)}")

@@ -3,18 +3,29 @@ The whole test suite: CPU only, tiny configs.  Run:  python -m pytest -q test_al
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
 
+import lpips as lpips_pkg
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
 
+import fid
+import losses
+import model
+import sample
+import train_ae
 import train_dit
 from losses import flow_matching_loss, sample_timesteps, shift_time
-from model import apply_rope, build_dit, load_checkpoint, rope_2d, save_checkpoint
+from model import apply_rope, build_dit, build_pae, load_checkpoint, rope_2d, save_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,14 +36,26 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _torchrun(script, args, nproc=2, timeout=600):
-    """Run `torchrun --nproc_per_node=nproc script args` on CPU (Gloo) and return the completed process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", script, *args]
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine two spinning OpenMP threads make tiny runs ~6x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(args, nproc=1, timeout=300):
+    """Run a script with python (nproc=1) or torchrun (2 Gloo processes); returns stdout+stderr, asserts rc 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable] + args
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={_free_port()}"] + args
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return proc.stdout + proc.stderr
 
 
 def _write_cache(path, count=16, channels=4, size=8, num_classes=3, seed=0):
@@ -148,7 +171,7 @@ def test_checkpoint_schema_and_resume_is_exact(tmp_path):
 def test_ddp_two_processes_match_one(tmp_path):  # slow: two processes, one of them compiling
     cache = _write_cache(tmp_path / "latents")
     train_dit.main(_dit_args(tmp_path, cache, name="one", lr=1e-3))
-    _torchrun("train_dit.py", _dit_args(tmp_path, cache, name="two", lr=1e-3, compile="true"))
+    _run(["train_dit.py", *_dit_args(tmp_path, cache, name="two", lr=1e-3, compile="true")], nproc=2)
     one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     two = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in two)  # saved from the raw module
@@ -190,3 +213,774 @@ def test_train_dit_errors(tmp_path, capsys):
     meta["count"] = 99
     json.dump(meta, open(cache / "meta.json", "w"))
     assert "meta.json says 99" in error_of(_dit_args(tmp_path, cache, out_dir=str(tmp_path / "x")))
+
+
+# -----------------------------------------------------------------------------
+# PAE tokenizer (model.py) and its losses (losses.py)
+
+LPIPS_LIN = os.path.join(os.path.dirname(lpips_pkg.__file__), "weights", "v0.1", "vgg.pth")
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return model.build_pae(preset="tiny")
+
+
+def _images(n=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g)
+
+
+@pytest.fixture(scope="module")
+def lpips_net():
+    torch.manual_seed(0)
+    return losses.LPIPS(pretrained=False, lin_weights=LPIPS_LIN)
+
+
+def test_pae_paper_parameter_counts():
+    with torch.device("meta"):
+        pae = model.build_pae(pretrained=False)  # DINOv2-L + decoder L, SPEC §4.5
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
+    table = {name: round(count(getattr(pae, name)) / 1e6, 2) for name in ("dam", "projector", "deprojector", "decoder")}
+    assert table == {"dam": 103.50, "projector": 4.49, "deprojector": 4.49, "decoder": 304.15}
+    total = sum(p.numel() for p in pae.trainable_parameters())
+    assert abs(total / 416.63e6 - 1) < 0.01
+    assert count(pae.vfm) == 0 and abs(sum(p.numel() for p in pae.vfm.parameters()) / 303.2e6 - 1) < 0.01
+    assert pae.vfm.grid == 16 and pae.image_size == 256 and pae.decoder.patch == 16
+    with pytest.raises(SystemExit, match="does not exist"):
+        model.build_pae(vfm_weights="/nonexistent/dinov2.pth")
+    with pytest.raises(SystemExit, match="valid names: dinov2, dinov3, siglip2, mae, tiny"):
+        model.build_pae(vfm="dinov4")
+
+
+@pytest.mark.parametrize("vfm", ["dinov3", "siglip2", "mae"])
+def test_other_vfms_shapes_on_meta(vfm):
+    with torch.device("meta"):
+        pae = model.build_pae(vfm=vfm, decoder="B", pretrained=False)
+        out = pae(torch.rand(2, 3, 256, 256), (42.5,))
+    width = 1152 if vfm == "siglip2" else 1024
+    assert out["vfm_tokens"].shape == (2, 256, width) and out["latent"].shape == (2, 32, 16, 16)
+    assert out["recon"].shape == out["rotated"][0].shape == (2, 3, 256, 256)
+
+
+def test_pae_init_identity_sphere_and_frozen_vfm():
+    pae, images = _tiny(), _images()
+    vfm_tokens = pae.vfm(images)
+    assert not vfm_tokens.requires_grad and vfm_tokens.shape == (4, 64, 64)  # 8x8 grid, class token dropped
+    h_z = pae.dam(pae.vfm.preprocess(images), vfm_tokens)
+    torch.testing.assert_close(h_z, F.layer_norm(vfm_tokens, (64,)), rtol=0, atol=1e-6)  # zero-init SFT
+    latent = pae.encode(images)
+    assert latent.shape == (4, 32, 8, 8)
+    assert (latent.norm(dim=1) / math.sqrt(32) - 1).abs().max() < 1e-4
+    vfm_before = {k: v.clone() for k, v in pae.vfm.net.state_dict().items()}
+    trainable = pae.trainable_parameters()
+    assert not any(p is q for p in trainable for q in pae.vfm.parameters())
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    out = pae(images, (42.5, 85.0))
+    (out["recon"].mean() + sum(r.mean() for r in out["rotated"]) + out["latent"].pow(3).mean()).backward()
+    opt.step()
+    assert all(p.grad is None for p in pae.vfm.parameters())
+    assert all(torch.equal(v, vfm_before[k]) for k, v in pae.vfm.net.state_dict().items())
+    assert pae.dam.sft.weight.grad.abs().sum() > 0  # the modulation does learn
+
+
+def test_mcr_rotation_angles_and_shared_direction():
+    latent = model.sphere(torch.randn(3, 32, 4, 4))
+    z_m, z_l = model.mcr_rotate(latent, (42.5, 85.0))
+    for z, theta in ((z_m, 42.5), (z_l, 85.0)):
+        torch.testing.assert_close(z.norm(dim=1), latent.norm(dim=1), rtol=0, atol=1e-4)
+        cos = F.cosine_similarity(z, latent, dim=1).clamp(-1, 1)
+        assert (torch.rad2deg(torch.acos(cos.double())) - theta).abs().max() < 1e-3
+    d_m = (z_m - math.cos(math.radians(42.5)) * latent) / math.sin(math.radians(42.5))
+    d_l = (z_l - math.cos(math.radians(85.0)) * latent) / math.sin(math.radians(85.0))
+    torch.testing.assert_close(d_m, d_l, rtol=0, atol=1e-4)  # one shared direction for both angles
+
+
+def test_mcr_cascade_stops_gradient_at_targets(lpips_net):
+    recon, x_m, x_l = (torch.rand(2, 3, 16, 16, requires_grad=True) for _ in range(3))
+    losses.mcr_loss(recon, [x_m, x_l], lpips_net).backward()
+    assert recon.grad is None  # the clean decoding is only ever a target
+    grad_m = x_m.grad.clone()
+    x_m.grad = None
+    (losses.l1_lpips(x_m, recon.detach(), lpips_net).sum() / 2).backward()
+    torch.testing.assert_close(grad_m, x_m.grad)  # x_m gets no gradient from being x_l's target
+    assert x_l.grad.abs().sum() > 0
+
+
+def test_ssr_and_scr_values():
+    z = torch.randn(2, 16, 32)
+    basis = torch.linalg.qr(torch.randn(64, 32))[0]  # (64, 32), orthonormal columns
+    assert losses.ssr_loss(z, z @ basis.T) < 1e-10  # equal Gram, different widths
+    rotation = torch.linalg.qr(torch.randn(32, 32))[0]
+    target = torch.randn(2, 16, 64)
+    torch.testing.assert_close(losses.ssr_loss(z @ rotation, target), losses.ssr_loss(z, target))
+    assert losses.ssr_loss(z, target) > 0.01
+    assert losses.scr_loss(z, 3 * z).abs() < 1e-6
+    torch.testing.assert_close(losses.scr_loss(z, -z), torch.tensor(4.0))  # 2 per term: pooled + per token
+
+
+def test_hinge_and_discriminator():
+    assert losses.hinge_d_loss(torch.ones(4), -torch.ones(4)) == 0
+    assert losses.hinge_d_loss(torch.zeros(4), torch.zeros(4)) == 2
+    assert losses.hinge_d_loss(torch.full((4,), 3.0), torch.full((4,), 0.5)) == 1.5
+    logits = model.PatchDiscriminator(16)(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 1, 6, 6)  # 3 stride-2 layers then two stride-1 4x4 convs: 64 -> 8 -> 7 -> 6
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the lpips package calls torchvision's deprecated API
+def test_lpips_matches_reference_package(lpips_net):
+    torch.manual_seed(1)
+    ref = lpips_pkg.LPIPS(net="vgg", pnet_rand=True, verbose=False)  # random VGG16 + shipped v0.1 lin layers
+    vgg = {}
+    for i in range(1, 6):
+        vgg.update(getattr(ref.net, f"slice{i}").state_dict())  # keys keep torchvision's feature indices
+    lpips_net.vgg.load_state_dict(vgg)
+    x, y = torch.rand(3, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 2 - 1
+    ours = lpips_net(x, y)
+    assert ours.shape == (3,)
+    assert (ours - ref(x, y).flatten()).abs().max() < 1e-5
+    assert lpips_net(x, x).abs().max() < 1e-7
+
+
+def test_structural_target_preserves_constants_and_follows_edges():
+    B, g, W = 1, 4, 8
+    images = torch.zeros(B, 3, 64, 64)
+    images[..., 32:] = 1  # left half black, right half white: the edge lies between token columns 1 and 2
+    constant = torch.randn(1, 1, W).expand(B, g * g, W)
+    for mode in ("bilateral", "bilinear"):
+        torch.testing.assert_close(model.structural_target(images, constant, mode), constant, rtol=0, atol=1e-5)
+    side = torch.tensor([-1.0, -1, 1, 1]).repeat(g).view(1, g * g, 1).expand(B, -1, W)  # -1 left, +1 right
+    bilateral = model.structural_target(images, side, "bilateral", lowpass=0)
+    bilinear = model.structural_target(images, side, "bilinear", lowpass=0)
+    assert (bilateral * side).min() > 0.999 and (bilinear * side).min() < 0.98  # the guide keeps the sides apart
+    assert (model.structural_target(images, side, "bilateral") * side).min() < (bilateral * side).min()  # blur
+
+
+def test_refiner_targets_and_loss():
+    torch.manual_seed(0)
+    refiner = model.build_refiner(64, "tiny")
+    vfm_tokens = torch.randn(2, 16, 64)
+    z_t = refiner.target(vfm_tokens)
+    assert z_t.shape == (2, 16, 32) and (z_t.norm(dim=-1) / math.sqrt(32) - 1).abs().max() < 1e-4
+    assert refiner.reconstruct(z_t).shape == (2, 16, 64)
+    loss, parts = losses.refine_loss(refiner, vfm_tokens, vfm_tokens, gram_weight=2.0)
+    torch.testing.assert_close(loss, parts["rec"] + 2.0 * parts["gram"])
+    assert model.build_refiner(**refiner.refiner_args) is not None
+
+
+def test_checkpoint_roundtrip_without_vfm_weights(tmp_path):
+    pae = _tiny(seed=3)
+    images = _images()
+    assert not any(k.startswith("vfm.") for k in pae.state_dict())
+    path = str(tmp_path / "ae.pt")
+    model.save_checkpoint(path, "pae", pae, {"preset": "tiny"}, 7, pae_args=pae.pae_args)
+    torch.manual_seed(123)  # a different global RNG state must not change the tiny VFM
+    loaded = model.pae_from_checkpoint(path)
+    with torch.no_grad():
+        latent = pae.encode(images)
+        torch.testing.assert_close(loaded.encode(images), latent, rtol=0, atol=0)
+        torch.testing.assert_close(loaded.decode(latent), pae.decode(latent), rtol=0, atol=0)
+    with pytest.raises(SystemExit, match="'pae' checkpoint"):
+        model.save_checkpoint(path, "dit", pae, {}, 0)
+        model.pae_from_checkpoint(path)
+
+
+def test_pae_loss_composition_and_tiny_loss_falls(lpips_net):
+    torch.manual_seed(0)
+    pae, refiner = model.build_pae(preset="tiny"), model.build_refiner(64, "tiny").requires_grad_(False)
+    images = F.interpolate(_images(2, 4), size=32, mode="bilinear")  # smooth images a tiny decoder can fit
+    weights = dict(l1=1.5, lpips=0.7, gan=0.3, ssr=0.2, mcr=0.5, scr=0.0)
+    total, parts = losses.pae_loss(pae(images, (42.5, 85.0)), images, lpips_net, refiner,
+                                   model.PatchDiscriminator(16), **weights)
+    assert set(parts) == {"l1", "lpips", "gan", "ssr", "mcr"}  # a zero weight skips its term
+    torch.testing.assert_close(total.detach(), sum(weights[k] * v for k, v in parts.items()))
+    opt = torch.optim.AdamW(pae.trainable_parameters(), lr=2e-3)
+    history = []
+    for _ in range(24):  # GAN off: an untrained discriminator is simply fooled, which would mask the test
+        total, parts = losses.pae_loss(pae(images, (42.5, 85.0)), images, lpips_net, refiner)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        history.append((total.item(), parts["l1"].item()))
+    first, last = torch.tensor(history[:3]).mean(0), torch.tensor(history[-3:]).mean(0)
+    assert last[0] < 0.5 * first[0] and last[1] < 0.8 * first[1]
+
+
+def test_diagnostics_gsq_and_lpc(lpips_net):
+    labels = torch.arange(4).repeat_interleave(5)
+    centres = torch.randn(4, 32, 1, 1) * 10
+    latents = centres[labels] + torch.randn(20, 32, 2, 2)
+    assert losses.gsq(latents, labels) == 1.0
+    assert losses.gsq(latents, labels[torch.randperm(20, generator=torch.Generator().manual_seed(0))]) < 0.6
+    latent = model.sphere(torch.randn(2, 32, 4, 4))
+    constant_decoder = lambda z: torch.full((len(z), 3, 32, 32), 0.5)
+    assert losses.lpc(constant_decoder, latent, lpips_net).abs().max() < 1e-7
+    pae = _tiny()
+    with torch.no_grad():
+        score = losses.lpc(pae.decode, pae.encode(_images(2)), lpips_net)
+    assert score.shape == (2,) and (score > 0).all()
+
+
+# -----------------------------------------------------------------------------
+# train_ae.py: data, stages refine / ae / encode / eval
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def test_synthetic_dataset_deterministic_balanced_and_varied():
+    data = train_ae.SyntheticImages(64, 32, seed=0)
+    image, label, skipped = data[5]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32) and skipped == 0
+    assert torch.equal(train_ae.SyntheticImages(64, 32, seed=0)[5][0], image)  # a fresh object: same image
+    assert not torch.equal(train_ae.SyntheticImages(64, 32, seed=1)[5][0], image)  # the seed matters
+    labels = [data[i][1] for i in range(64)]
+    assert np.bincount(labels, minlength=data.num_classes).tolist() == [4] * 16  # balanced
+    images = torch.stack([data[i][0] for i in range(16)]).float()
+    assert images.std(0).mean() > 20  # colours and layouts vary between images
+    assert train_ae.SyntheticImages(4, 48)[0][0].shape == (3, 48, 48)  # any resolution
+
+
+def test_image_folder_center_crop_and_corrupt_image_skipped(tmp_path):
+    for cls in ("a", "b"):
+        os.makedirs(tmp_path / cls)
+    Image.new("RGB", (120, 80), (255, 0, 0)).save(tmp_path / "a" / "0.png")
+    (tmp_path / "a" / "1.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")  # corrupt
+    Image.new("RGB", (50, 90), (0, 0, 255)).save(tmp_path / "b" / "2.png")
+    data = train_ae.ImageFolderADM(str(tmp_path), 32)
+    assert len(data) == 3 and data.num_classes == 2
+    image, label, skipped = data[0]
+    assert image.shape == (3, 32, 32) and label == 0 and skipped == 0 and image[0].float().mean() > 250
+    image, label, skipped = data[1]  # the corrupt file: replaced by the next readable one and counted
+    assert skipped == 1 and label == 1 and image[2].float().mean() > 250
+    loader = torch.utils.data.DataLoader(data, batch_size=3)
+    assert sum(int(s.sum()) for _, _, s in loader) == 1
+
+
+def test_center_crop_adm_matches_reference_steps():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 900, 3), dtype=np.uint8))
+    crop = train_ae.center_crop_adm(image, 256)
+    assert crop.shape == (3, 256, 256)
+    half = image.resize((450, 300), resample=Image.BOX)  # 600 >= 2*256: one box halving, then bicubic to 256
+    ref = np.asarray(half.resize((384, 256), resample=Image.BICUBIC))[:, 64:320]
+    assert np.array_equal(crop.permute(1, 2, 0).numpy(), ref)
+
+
+def test_step_sampler_independent_of_world_size_and_resumable():
+    def take(rank, world, start, steps, per_rank):
+        it = iter(train_ae.StepSampler(20, 8, rank, world, seed=3, start_step=start))
+        return [[next(it) for _ in range(per_rank)] for _ in range(steps)]
+
+    one = take(0, 1, 0, 6, 8)  # 6 steps cross two epochs (2 steps per epoch)
+    r0, r1 = take(0, 2, 0, 6, 4), take(1, 2, 0, 6, 4)
+    assert [a + b for a, b in zip(r0, r1)] == one  # rank slices concatenate to the one-process batch
+    assert take(0, 1, 3, 3, 8) == one[3:]  # starting at step 3 (resume) continues the same stream
+    assert len(set(one[0] + one[1])) == 16  # an epoch never repeats an image
+    assert one[0] != one[2]  # epochs are reshuffled
+
+
+def test_lr_schedule_warmup_and_cosine_floor():
+    cfg = train_ae.Config(lr=1e-4, warmup=0.1, min_lr_ratio=0.1)
+    lrs = [train_ae.get_lr(cfg, s, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4)
+    assert max(lrs) == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1e-5, rel=1e-2)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+# -----------------------------------------------------------------------------
+# stages: tiny preset on synthetic data; 32 px is the smallest size the 3-layer PatchGAN accepts
+
+FAST = ["--preset", "tiny", "--batch_size", "4", "--micro_batch_size", "2", "--synthetic_size", "32",
+        "--upsample", "bilinear", "--lowpass", "0", "--psnr_images", "2", "--eval_images", "8", "--lpc_images", "2"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """refine -> ae -> encode with no --stage under torchrun with 2 processes (Gloo)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    out = _run(["train_ae.py", *FAST, "--out_dir", str(root / "ae"), "--latents", str(root / "latents"),
+                "--refine_steps", "2", "--max_steps", "2", "--disc_start", "1", "--ckpt_every", "2"], nproc=2)
+    return root, out
+
+
+def test_pipeline_ddp_writes_valid_cache_that_train_dit_trains_on(pipeline):
+    root, out = pipeline
+    assert "running refine -> ae -> encode" in out
+    assert "gan " in out and "disc " in out  # the GAN switched on at disc_start
+    grid = Image.open(root / "ae" / "grid_0000002.png")
+    assert grid.size[1] > 4 * 32 > grid.size[1] - 20  # input | recon | 42.5 deg | 85 deg rows of 32 px
+    latents = np.load(root / "latents" / "latents.npy", mmap_mode="r")
+    labels = np.load(root / "latents" / "labels.npy")
+    meta = json.load(open(root / "latents" / "meta.json"))
+    assert latents.dtype == np.float16 and latents.shape == (32, 2, 32, 8, 8)
+    assert labels.dtype == np.int64 and labels.tolist() == [i % 16 for i in range(32)]
+    assert meta["count"] == 32 and meta["channels"] == 32 and meta["size"] == 8 and meta["num_classes"] == 16
+    assert os.path.isabs(meta["ae_ckpt"]) and os.path.isfile(meta["ae_ckpt"])
+    z = latents[:, 0].astype(np.float64)
+    assert np.allclose(meta["mean"], z.mean((0, 2, 3)), atol=1e-6) and np.allclose(meta["std"], z.std((0, 2, 3)))
+    assert np.allclose((latents.astype(np.float32) ** 2).mean(2), 1, atol=1e-2)  # tokens on the sqrt(32) sphere
+    assert not np.array_equal(latents[:, 0], latents[:, 1])
+    out = _run(["train_dit.py", "--preset", "tiny", "--latents", str(root / "latents"), "--out_dir",
+                str(root / "dit"), "--max_steps", "3", "--batch_size", "4", "--log_every", "1"])
+    assert "step 3/3" in out and os.path.isfile(root / "dit" / "ckpt.pt")
+
+
+def test_encode_deterministic_same_with_one_process_and_refuses_overwrite(pipeline):
+    root, _ = pipeline
+    args = [*FAST, "--stage", "encode", "--out_dir", str(root / "ae"), "--latents", str(root / "latents1")]
+    train_ae.main(args)
+    one, two = (np.load(root / d / "latents.npy") for d in ("latents1", "latents"))
+    assert np.array_equal(one, two)  # 1 process == 2 processes, bit for bit
+    assert np.array_equal(np.load(root / "latents1" / "labels.npy"), np.load(root / "latents" / "labels.npy"))
+    pae = train_ae.M.pae_from_checkpoint(str(root / "ae" / "ae.pt"))
+    image = train_ae.SyntheticImages(32, 32)[5][0][None].float() / 255
+    with torch.no_grad():  # slot 1 holds the latent of the horizontally flipped image
+        flipped = pae.encode(image.flip(-1)).numpy()
+    assert np.allclose(one[5, 1], flipped, atol=2e-2)
+    with pytest.raises(SystemExit, match="--overwrite"):
+        train_ae.main(args)
+    os.remove(root / "latents1" / "meta.json")  # an interrupted cache (no meta.json) is simply rewritten
+    train_ae.main(args)
+    assert os.path.isfile(root / "latents1" / "meta.json")
+
+
+def test_eval_stage_reports_psnr_rfid_lpc_gsq(pipeline):
+    root, _ = pipeline
+    out_dir = root / "ae"
+    _run(["train_ae.py", *FAST, "--stage", "eval", "--out_dir", str(out_dir)], nproc=2)  # metrics reduced over ranks
+    saved = json.load(open(out_dir / "eval.json"))
+    assert saved["images"] == 8 and set(saved) >= {"psnr", "rfid", "lpc", "gsq", "gsq_std"}
+    assert 0 < saved["psnr"] < 60 and saved["rfid"] >= 0 and saved["lpc"] > 0 and 0 <= saved["gsq"] <= 1
+
+
+def test_ae_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+    train_ae.main([*FAST, "--stage", "refine", "--out_dir", str(tmp_path / "r"), "--refine_steps", "1"])
+    args = [*FAST, "--stage", "ae", "--refine_ckpt", str(tmp_path / "r" / "refine.pt"), "--max_steps", "3",
+            "--disc_start", "1", "--ckpt_every", "2", "--log_every", "1"]
+    train_ae.main(args + ["--out_dir", str(tmp_path / "a")])
+
+    real = train_ae.micro_batches
+
+    def crash_at_step_2(cfg, d, loader, step):
+        if step == 2:
+            raise KeyboardInterrupt("simulated crash after the step-2 checkpoint")
+        return real(cfg, d, loader, step)
+
+    monkeypatch.setattr(train_ae, "micro_batches", crash_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_ae.main(args + ["--out_dir", str(tmp_path / "b")])
+    monkeypatch.setattr(train_ae, "micro_batches", real)
+    with pytest.raises(SystemExit, match="--resume"):  # never silently overwrites a run
+        train_ae.main(args + ["--out_dir", str(tmp_path / "b")])
+    train_ae.main(args + ["--out_dir", str(tmp_path / "b"), "--resume"])
+    a, b = (torch.load(tmp_path / d / "ckpt_ae.pt", weights_only=True) for d in ("a", "b"))
+    assert a["step"] == b["step"] == 3
+    for key in ("model", "ema", "disc"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def test_training_same_with_one_and_two_processes(pipeline, tmp_path):
+    """The pipeline ran with 2 ranks x accumulation 1; one process runs accumulation 2 over the same batch."""
+    root, _ = pipeline
+    train_ae.main([*FAST, "--stage", "refine", "--refine_steps", "2", "--out_dir", str(tmp_path)])
+    train_ae.main([*FAST, "--stage", "ae", "--max_steps", "2", "--disc_start", "1", "--ckpt_every", "2",
+                   "--refine_ckpt", str(root / "ae" / "refine.pt"), "--out_dir", str(tmp_path)])
+    for name in ("refine.pt", "ae.pt"):
+        one, two = (torch.load(d / name, weights_only=True)["model"] for d in (tmp_path, root / "ae"))
+        for key in two:
+            assert torch.allclose(one[key], two[key], atol=1e-5), (name, key)
+
+
+# -----------------------------------------------------------------------------
+# sample.py: samplers, guidance, class-balanced distributed sampling
+
+def _gaussian_target(dim=3, seed=0):
+    """Mean, covariance and the exact flow-matching velocity of x1 ~ N(mu, Sigma), x0 ~ N(0, I)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    sigma = a @ a.T + 0.3 * torch.eye(dim, dtype=torch.float64)
+    mu = torch.randn(dim, generator=gen, dtype=torch.float64)
+    eye = torch.eye(dim, dtype=torch.float64)
+
+    def velocity(x, t):  # E[x1 - x0 | x_t = x] = mu + Cov(x1 - x0, x_t) Cov(x_t)^-1 (x - t mu)
+        cov_xt = t * t * sigma + (1 - t) ** 2 * eye
+        gain = (t * sigma - (1 - t) * eye) @ torch.linalg.inv(cov_xt)
+        return mu + (x - t * mu) @ gain.T
+
+    return mu, sigma, velocity
+
+
+def _random_dit(num_classes=3, channels=4, size=2, seed=0):
+    """A tiny DiT whose output is not zero (the zero-initialised layers perturbed)."""
+    torch.manual_seed(seed)
+    model = build_dit("tiny/1", channels, size, num_classes=num_classes)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def _pipeline(tmp_path, num_classes=3, with_meta=True):
+    """Tiny PAE + DiT checkpoints and a latent meta.json (SPEC §3.2, §3.3); returns the DiT checkpoint path."""
+    torch.manual_seed(0)
+    pae = build_pae(preset="tiny", pretrained=False)
+    ae_path = str(tmp_path / "ae.pt")
+    save_checkpoint(ae_path, "pae", pae, {"preset": "tiny"}, 0, pae_args=pae.pae_args)
+    with torch.no_grad():
+        latent = pae.encode(torch.rand(1, 3, pae.image_size, pae.image_size))
+    channels, size = latent.shape[1], latent.shape[2]
+    cache = tmp_path / "latents"
+    cache.mkdir()
+    meta = {"ae_ckpt": ae_path, "channels": channels, "size": size, "count": 8, "num_classes": num_classes,
+            "mean": [0.1 * c for c in range(channels)], "std": [1.0 + 0.05 * c for c in range(channels)],
+            "dataset": "test", "created": "now"}
+    if with_meta:
+        (cache / "meta.json").write_text(json.dumps(meta))
+    model, ema = _random_dit(num_classes, channels, size, 0), _random_dit(num_classes, channels, size, 1)
+    model_args = dict(preset="tiny/1", in_channels=channels, input_size=size, num_classes=num_classes,
+                      qk_norm=False)
+    dit_path = str(tmp_path / "dit.pt")
+    save_checkpoint(dit_path, "dit", model, {"latents": str(cache), "model": "tiny/1"}, 10, ema=ema,
+                    model_args=model_args, latent_meta=meta if with_meta else None)
+    return dit_path, pae
+
+
+def _args(tmp_path, dit_path, name="samples", **extra):
+    args = {"preset": "tiny", "ckpt": dit_path, "out": str(tmp_path / f"{name}.npz"), "num_samples": 12,
+            "num_steps": 4, "batch_size": 5, **extra}
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+# -----------------------------------------------------------------------------
+# samplers
+
+
+def test_time_grid_shift_endpoints_and_monotone():
+    grid = sample.time_grid(250, 0.4)
+    assert len(grid) == 250 and grid[0] == 0.0 and grid[-1] == 1.0
+    assert all(b > a for a, b in zip(grid[:-1], grid[1:]))
+    assert all(g <= u for g, u in zip(grid, np.linspace(0, 1, 250)))  # s < 1 spends more points near noise
+    assert sample.time_grid(3, 0.4)[1] == pytest.approx(0.4 * 0.5 / (1 - 0.6 * 0.5))
+
+
+def test_euler_ode_reproduces_gaussian_target():
+    """The Euler map of an affine velocity is affine, x -> A x + b: mean b and covariance A A^T exactly."""
+    mu, sigma, velocity = _gaussian_target()
+    probes = torch.cat([torch.zeros(1, 3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)])
+    errors = []
+    for num_steps in (250, 500):
+        out = sample.euler_ode(velocity, probes, sample.time_grid(num_steps, 0.4))
+        a = (out[1:] - out[0]).T
+        assert torch.allclose(out[0], mu, atol=1e-10)
+        errors.append((a @ a.T - sigma).abs().max().item() / sigma.abs().max().item())
+    assert errors[0] < 0.015  # 250 points, the paper's grid: covariance within 1.5%
+    assert errors[1] == pytest.approx(errors[0] / 2, rel=0.05)  # first order: twice the steps, half the error
+
+
+def test_euler_maruyama_matches_gaussian_target_statistically():
+    mu, sigma, velocity = _gaussian_target()
+    n = 8000
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    noise = lambda i: torch.randn(n, 3, generator=gen, dtype=torch.float64)  # noqa: E731
+    out = sample.euler_maruyama(velocity, x0, sample.time_grid(250, 0.4), noise, 0.004)
+    var = torch.diag(sigma)
+    assert ((out.mean(0) - mu).abs() < 4 * (var / n).sqrt()).all()
+    cov_sd = ((var[:, None] * var[None] + sigma ** 2) / n).sqrt()  # sampling s.d. of each covariance entry
+    assert ((torch.cov(out.T) - sigma).abs() < 5 * cov_sd + 0.01 * sigma.abs().max()).all()
+    again = sample.euler_maruyama(velocity, x0[:100], sample.time_grid(250, 0.4),
+                                  lambda i: torch.randn(100, 3, generator=gen, dtype=torch.float64), 0.004)
+    assert (again - out[:100]).abs().mean() > 0.1  # the path noise matters: not the ODE in disguise
+
+
+def test_cfg_scale_one_interval_and_batched_guidance():
+    model = _random_dit()
+    x, y, t = torch.randn(4, 4, 2, 2), torch.tensor([0, 1, 2, 0]), 0.6
+    t_batch = torch.full((4,), t)
+    with torch.no_grad():
+        v_cond, v_uncond = model(x, t_batch, y), model(x, t_batch, torch.full_like(y, 3))
+        assert (v_cond - v_uncond).abs().max() > 1e-3
+        assert torch.equal(sample.guided_velocity(model, y, 1.0, 0.25, 3)(x, t), v_cond)
+        guided = sample.guided_velocity(model, y, 2.5, 0.25, 3)(x, t)
+        assert torch.allclose(guided, v_uncond + 2.5 * (v_cond - v_uncond), atol=1e-5)
+        below = sample.guided_velocity(model, y, 2.5, 0.7, 3)(x, t)  # t = 0.6 < 0.7: guidance off
+        assert torch.equal(below, v_cond)
+
+
+def test_uint8_conversion_rounds_and_clamps():
+    images = torch.tensor([0.4, 0.6, 254.4, 254.6, 300.0, -9.0]).div(255).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    assert sample.to_uint8(images)[0, 0, :, 0].tolist() == [0, 1, 254, 255, 255, 0]
+
+
+def test_classes_are_balanced_or_chosen():
+    balanced = sample.classes_of(range(30), 3, [], 8)
+    assert np.bincount(balanced).tolist() == [10, 10, 10]
+    assert sample.classes_of(range(6), 3, [7, 2], 3) == [7, 7, 7, 2, 2, 2]
+
+
+# -----------------------------------------------------------------------------
+# sample.py end to end (tiny PAE + DiT checkpoints)
+
+
+def test_sample_tiny_end_to_end(tmp_path):
+    dit_path, pae = _pipeline(tmp_path)
+    sample.main(_args(tmp_path, dit_path, name="raw", use_ema="false"))
+    sample.main(_args(tmp_path, dit_path))
+    with np.load(tmp_path / "samples.npz") as f:
+        images, labels = f["arr_0"], f["labels"]
+    assert images.shape == (12, pae.image_size, pae.image_size, 3) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [4, 4, 4]
+    assert len(np.unique(images.reshape(12, -1), axis=0)) == 12  # every sample has its own noise
+    assert (tmp_path / "samples.png").is_file() and not (tmp_path / "samples_shards").exists()
+    with np.load(tmp_path / "raw.npz") as f:
+        assert not np.array_equal(f["arr_0"], images)  # EMA by default, the raw weights on request
+    ckpt = torch.load(dit_path, weights_only=True)
+    meta, model_args = ckpt["latent_meta"], ckpt["model_args"]
+    ema = build_dit("tiny/1", model_args["in_channels"], model_args["input_size"], num_classes=3)
+    ema.load_state_dict(ckpt["ema"])
+    cfg = sample.parse_config(sample.Config, _args(tmp_path, dit_path), sample.PRESETS)
+    shape = (meta["channels"], meta["size"], meta["size"])
+    with torch.no_grad():  # sample 7 by hand: EMA weights, its own noise, z * std + mean, the PAE decoder, rounding
+        latent = sample.sample_latents(ema.eval(), [7], [7 % 3], shape, cfg, 3, torch.device("cpu"))
+        mean, std = (torch.tensor(meta[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+        expected = sample.to_uint8(pae.eval().decode(latent * std + mean))[0]
+    assert np.abs(expected.astype(int) - images[7]).max() <= 1
+    sample.main(_args(tmp_path, dit_path, name="rebatched", batch_size=4))
+    with np.load(tmp_path / "rebatched.npz") as f:  # noise is per global index: batching changes nothing
+        assert np.abs(f["arr_0"].astype(int) - images).max() <= 1
+
+
+def test_sample_then_fid_py_with_random_inception(tmp_path, capfd):  # slow: fid.py's 2048-d statistics on CPU
+    dit_path, _ = _pipeline(tmp_path)
+    sample.main(_args(tmp_path, dit_path, name="raw", use_ema="false"))
+    sample.main(_args(tmp_path, dit_path, fid_ref=tmp_path / "raw.npz", fid_weights="random"))
+    metrics = json.loads(capfd.readouterr().out.strip().splitlines()[-1])  # fid.py's last line: the JSON metrics
+    assert metrics["n"] == 12 and np.isfinite(metrics["fid"]) and metrics["fid"] > 0
+
+
+def test_one_process_and_torchrun_two_give_identical_npz(tmp_path):
+    dit_path, _ = _pipeline(tmp_path)
+    extra = dict(sampler="sde", cfg_scale=2.0, cfg_interval_start=0.3)
+    _run(["sample.py", *_args(tmp_path, dit_path, "one", **extra)])
+    _run(["sample.py", *_args(tmp_path, dit_path, "two", **extra)], nproc=2)
+    assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
+
+
+def test_restart_skips_finished_shards_and_rejects_other_settings(tmp_path):
+    dit_path, pae = _pipeline(tmp_path)
+    sample.main(_args(tmp_path, dit_path, name="full"))
+    shards = tmp_path / "part_shards"
+    shards.mkdir()
+    settings = {**vars(sample.parse_config(sample.Config, _args(tmp_path, dit_path, name="part"),
+                                           sample.PRESETS))}
+    settings = {k: v for k, v in settings.items() if not k.startswith("fid_")}
+    (shards / "settings.json").write_text(json.dumps(settings))
+    marker = np.full((5, pae.image_size, pae.image_size, 3), 7, np.uint8)
+    sample.save_npz(str(shards / "000001.npz"), arr_0=marker, labels=np.arange(5, 10) % 3)
+    sample.main(_args(tmp_path, dit_path, name="part"))
+    with np.load(tmp_path / "full.npz") as full, np.load(tmp_path / "part.npz") as part:
+        assert (part["arr_0"][5:10] == 7).all()  # the finished shard was kept, not recomputed
+        assert np.array_equal(part["arr_0"][:5], full["arr_0"][:5])
+        assert np.array_equal(part["arr_0"][10:], full["arr_0"][10:])
+    shards.mkdir()
+    (shards / "settings.json").write_text(json.dumps({**settings, "cfg_scale": 9.0}))
+    with pytest.raises(SystemExit, match="other settings"):
+        sample.main(_args(tmp_path, dit_path, name="part"))
+
+
+def test_latent_stats_fall_back_to_the_checkpoint_copy(tmp_path):
+    dit_path, _ = _pipeline(tmp_path)
+    sample.main(_args(tmp_path, dit_path, name="cache"))
+    os.remove(tmp_path / "latents" / "meta.json")
+    sample.main(_args(tmp_path, dit_path, name="copy"))
+    assert (tmp_path / "cache.npz").read_bytes() == (tmp_path / "copy.npz").read_bytes()
+
+
+def test_sample_errors(tmp_path):
+    dit_path, _ = _pipeline(tmp_path)
+    cases = [
+        (dict(ckpt=str(tmp_path / "nope.pt")), "does not exist"),
+        (dict(ckpt=str(tmp_path / "ae.pt")), "'dit' checkpoint is needed"),
+        (dict(ae_ckpt=str(tmp_path / "nope.pt")), "AE checkpoint"),
+        (dict(num_samples=10), "not a positive multiple of the 3 classes"),
+        (dict(labels="1,3"), "outside 0..2"),
+        (dict(labels="1,x"), "outside 0..2"),
+        (dict(sampler="heun"), "unknown sampler"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            sample.main(_args(tmp_path, dit_path, **extra))
+    (tmp_path / "bare").mkdir()
+    bare_path, _ = _pipeline(tmp_path / "bare", with_meta=False)
+    with pytest.raises(SystemExit, match="no latent statistics"):
+        sample.main(_args(tmp_path, bare_path))
+
+
+# -----------------------------------------------------------------------------
+# fid.py: FID Inception, preprocessing, metrics, CLI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return fid.load_inception("random")
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_inception_matches_pytorch_fid_and_not_stock_torchvision(monkeypatch):
+    import pytorch_fid.inception as pytorch_fid_inception  # the test extra; missing = a failure, not a skip
+    state = fid.random_state_dict(fid.FIDInception())
+    assert len(state) == 472 and sum(t.numel() for t in state.values()) == 23_885_392  # the file's layout
+    net = fid.FIDInception().eval()
+    net.load_state_dict(state, strict=True)
+    monkeypatch.setattr(pytorch_fid_inception, "load_state_dict_from_url", lambda *args, **kwargs: state)
+    reference = pytorch_fid_inception.InceptionV3([3], resize_input=False, normalize_input=False).eval()
+    captured = {}
+    reference.blocks[2][6].branch1x1.register_forward_hook(lambda m, i, o: captured.update(spatial=o))  # Mixed_6d
+    x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        ours = net(x.contiguous(memory_format=torch.channels_last))  # the layout fid.py uses on CPU
+        ref_pool = reference(x)[0].flatten(1)
+    ref = {"pool": ref_pool, "logits": ref_pool @ state["fc.weight"].T,
+           "spatial": captured["spatial"][:, :7].permute(0, 2, 3, 1).flatten(1)}
+    for key in ("pool", "logits", "spatial"):
+        assert ours[key].shape == ref[key].shape == (2, fid.DIMS[key])
+        assert ref[key].std() > 1e-3 and _rel_err(ours[key], ref[key]) < 1e-5, key
+
+    stock = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    stock.load_state_dict(state, strict=True)
+    stock.avgpool.register_forward_hook(lambda m, i, o: captured.update(stock=o.flatten(1)))
+    with torch.no_grad():
+        stock.eval()(x)
+    assert _rel_err(captured["stock"], ref["pool"]) > 1e-3  # stock pooling is measurably different
+
+
+def test_tf_resize_is_legacy_bilinear():
+    x = torch.rand(1, 299, 299, 3) * 255
+    assert torch.equal(fid.tf_resize_bilinear(x), x)
+    up = fid.tf_resize_bilinear(torch.tensor([[0.0, 10.0], [20.0, 30.0]])[None, :, :, None], size=4)  # edges clamp
+    assert torch.allclose(up[0, :, :, 0], torch.tensor([[0.0, 5, 10, 10], [10, 15, 20, 20], [20, 25, 30, 30],
+                                                        [20, 25, 30, 30]]))
+    ramp = torch.arange(4.0)  # sources at 0, 4/3, 8/3 (no half-pixel shift)
+    down = fid.tf_resize_bilinear((100 * ramp[:, None] + ramp[None, :])[None, :, :, None], size=3)
+    a = torch.tensor([0, 4 / 3, 8 / 3])
+    assert torch.allclose(down[0, :, :, 0], 100 * a[:, None] + a[None, :], atol=1e-4)
+    images = [np.random.default_rng(0).integers(0, 256, (h, 40, 3), dtype=np.uint8) for h in (32, 50)]
+    mixed = fid.preprocess(images, "cpu")  # mixed sizes are resized one by one
+    assert mixed.shape == (2, 3, 299, 299) and mixed.min() >= -1 and mixed.max() <= 127 / 128
+    assert torch.equal(mixed[1:], fid.preprocess(images[1][None], "cpu"))
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    mu1, mu2, var1, var2 = rng.normal(size=8), rng.normal(size=8), rng.uniform(0.1, 2, 8), rng.uniform(0.1, 2, 8)
+    closed_form = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(var1) - np.sqrt(var2)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(closed_form, rel=1e-10)
+    a, b = rng.normal(size=(40, 16)), rng.normal(size=(30, 16)) @ rng.normal(size=(16, 16))
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    adm = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    assert fid.frechet_distance(a.mean(0), s1, b.mean(0), s2) == pytest.approx(adm, rel=1e-9)  # ADM's sqrtm form
+    low_rank = np.cov(rng.normal(size=(5, 64)), rowvar=False)  # singular, as with few samples
+    assert abs(fid.frechet_distance(np.zeros(64), low_rank, np.zeros(64), low_rank)) < 1e-6 * np.trace(low_rank)
+    with pytest.raises(SystemExit, match="different dimensions"):
+        fid.frechet_distance(mu1, np.diag(var1), mu2[:4], np.diag(var2[:4]))
+
+
+def test_inception_score():
+    logits = np.random.default_rng(0).normal(size=(1, 1008))
+    assert fid.inception_score(np.repeat(logits, 20, 0)) == pytest.approx(1.0)
+    one_hot = np.zeros((20, 1008))
+    one_hot[np.arange(20), np.arange(20) % 10] = 1e4  # 10 distinct classes per split of 10
+    assert fid.inception_score(one_hot, split_size=10) == pytest.approx(10.0)
+
+
+def test_precision_recall():
+    rng = np.random.default_rng(0)
+    cluster = rng.normal(size=(50, 8))
+    assert fid.precision_recall(cluster, cluster) == (1.0, 1.0)
+    assert fid.precision_recall(cluster, cluster + 100) == (0.0, 0.0)
+    half = np.concatenate([cluster[:25], cluster[25:] + 100])  # half the samples off the reference manifold
+    precision, recall = fid.precision_recall(cluster, half)
+    assert precision == 0.5 and 0 < recall < 1
+
+
+def write_images(folder, images):
+    os.makedirs(os.path.join(folder, "sub"), exist_ok=True)
+    for i, image in enumerate(images):  # the second half in a sub-folder (the search is recursive), sorted after
+        Image.fromarray(image).save(os.path.join(folder, "sub" if 2 * i >= len(images) else "", f"{i:03d}.png"))
+
+
+def test_cli_round_trip_and_npz_equals_folder(tmp_path, monkeypatch, capsys, inception):
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    write_images(tmp_path / "images", images)
+    np.savez(tmp_path / "images.npz", arr_0=images)
+    weights = tmp_path / "random.pth"
+    torch.save(fid.random_state_dict(inception), weights)
+
+    command = [sys.executable, os.path.join(HERE, "fid.py"), tmp_path / "images", "--save_stats",
+               tmp_path / "stats.npz", "--batch_size", 4, "--weights", weights]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=HERE)
+    assert result.returncode == 0, result.stderr
+    assert "SHA-256" in result.stderr  # random weights: warned about, not refused
+    stats = np.load(tmp_path / "stats.npz")
+    assert stats["mu"].shape == (2048,) and stats["sigma_s"].shape == (2023, 2023) and stats["pool"].shape == (6, 2048)
+
+    monkeypatch.setattr(sys, "argv", ["fid.py", str(tmp_path / "stats.npz"), "--ref", str(tmp_path / "stats.npz"),
+                                      "--weights", str(weights)])
+    fid.main()
+    metrics = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert abs(metrics["fid"]) < 1e-5 * np.trace(stats["sigma"]) and metrics["n"] == 6  # rank 5 of 2048: round-off
+    assert abs(metrics["sfid"]) < 1e-5 * np.trace(stats["sigma_s"])
+    assert metrics["precision"] == metrics["recall"] == 1.0 and metrics["is"] >= 1.0
+
+    from_npz = fid.statistics(str(tmp_path / "images.npz"), inception, batch_size=4)
+    assert isinstance(fid.npz_images(str(tmp_path / "images.npz")), np.memmap)
+    np.testing.assert_allclose(from_npz["pool"], stats["pool"], rtol=1e-4, atol=1e-5)  # 1 vs 2 threads
+    np.testing.assert_allclose(from_npz["mu_s"], stats["mu_s"], rtol=1e-4, atol=1e-5)
+    adm = {k: stats[k] for k in ("sigma", "mu_s", "sigma_s")}  # ADM's reference format: statistics + arr_0
+    np.savez(tmp_path / "adm.npz", arr_0=images, mu=stats["mu"] + 1, **adm)
+    adm_stats = fid.statistics(str(tmp_path / "adm.npz"), inception, batch_size=4)
+    assert np.array_equal(adm_stats["mu"], stats["mu"] + 1)  # stored statistics win, as in ADM's evaluator
+    np.testing.assert_allclose(adm_stats["pool"], stats["pool"], rtol=1e-4, atol=1e-5)  # P/R features from arr_0
+
+
+def test_clear_errors(tmp_path, monkeypatch, inception):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
+    with pytest.raises(SystemExit, match="--weights PATH") as error:
+        fid.load_inception()
+    assert fid.WEIGHTS_URL in str(error.value)
+    with pytest.raises(SystemExit, match="does not exist"):
+        fid.load_inception(str(tmp_path / "missing.pth"))
+    with pytest.raises(SystemExit, match="at least 2"):
+        fid.statistics(np.zeros((1, 8, 8, 3), np.uint8), inception)
+    with pytest.raises(SystemExit, match=r"uint8 images of shape \(N, H, W, 3\)"):
+        fid.statistics(np.zeros((2, 8, 8), np.uint8), inception)
+    np.savez(tmp_path / "other.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit, match="no arr_0"):
+        fid.statistics(str(tmp_path / "other.npz"), inception)
+    write_images(tmp_path / "folder", np.zeros((2, 8, 8, 3), np.uint8))
+    (tmp_path / "folder" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="1 of 3 image files .* cannot be read .*broken.png"):
+        fid.statistics(str(tmp_path / "folder"), inception)
+
+
+def test_torchrun_shards_and_gathers(tmp_path, inception):
+    images = np.random.default_rng(1).integers(0, 256, (7, 24, 24, 3), dtype=np.uint8)  # 7: unequal shards
+    np.savez(tmp_path / "images.npz", arr_0=images)
+    torch.save(fid.random_state_dict(inception), tmp_path / "random.pth")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(HERE, "fid.py"), tmp_path / "images.npz", "--save_stats", tmp_path / "ddp.npz",
+               "--weights", tmp_path / "random.pth", "--batch_size", 2]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=HERE)
+    assert result.returncode == 0, result.stderr
+    gathered = np.load(tmp_path / "ddp.npz")["pool"]
+    single = fid.inception_features(inception, images, batch_size=1)["pool"].numpy()  # the ranks' batches of 1
+    np.testing.assert_allclose(gathered, single, rtol=1e-5, atol=1e-6)

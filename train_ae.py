@@ -11,8 +11,11 @@ Two nodes:      torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdz
                     train_ae.py --data /data/imagenet/train
 One stage:      add --stage refine | ae | encode | eval (ae needs --refine_ckpt or OUT_DIR/refine.pt,
                 encode/eval need --ae_ckpt or OUT_DIR/ae.pt)
-Resume:         add --resume (stage refine continues from OUT_DIR/ckpt_refine.pt, stage ae from
-                OUT_DIR/ckpt_ae.pt; in the full pipeline a stage whose final checkpoint exists is skipped)
+Resume:         add --resume: stage refine continues from OUT_DIR/ckpt_refine.pt, stage ae from OUT_DIR/ckpt_ae.pt
+                (model, EMA, optimizers, discriminator, step; data order and noise are functions of the step), a
+                stage without one starts afresh; an encode that did not finish (no meta.json) is simply rerun.
+Outputs:        OUT_DIR/refine.pt (kind "refine"), OUT_DIR/ae.pt (kind "pae": raw weights + EMA, what encode and
+                sample.py use), OUT_DIR/grid_<step>.png, LATENTS/{latents.npy, labels.npy, meta.json} (SPEC §3.3)
 """
 
 # -----------------------------------------------------------------------------
@@ -34,15 +37,11 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import fid
 import losses
 import model as M
-
-try:
-    import fid
-except ImportError:  # fid.py is written concurrently; until it lands, stage eval reports no rFID
-    fid = None
 from model import (Dist, Logger, autocast, count_flops, ema_update, fail, format_duration, load_checkpoint,
-                   parse_config, peak_flops, print0, save_checkpoint, save_config)
+                   parse_config, peak_flops, save_checkpoint, save_config)
 
 # -----------------------------------------------------------------------------
 # config
@@ -53,8 +52,7 @@ class Config:
     preset: str = "paper"  # paper | tiny (random tiny VFM and decoder, 32 px synthetic images, a few steps)
     stage: str = ""  # refine | ae | encode | eval; "" = refine (unless --refine_ckpt), ae, then encode
     data: str = "synthetic"  # ImageFolder root (class sub-folders, e.g. ImageNet train) or "synthetic"
-    val_data: str = ""  # held-out ImageFolder (e.g. ImageNet val) for PSNR / eval; "" = held-out synthetic
-    # images when --data synthetic, else no held-out PSNR during training
+    val_data: str = ""  # held-out ImageFolder (ImageNet val) for PSNR and eval; "" = synthetic held-out images
     out_dir: str = "out"  # refine.pt, ae.pt, ckpt_<stage>.pt, config.json, log.txt, grid_<step>.png
     latents: str = "latents"  # stage encode writes the latent cache here (SPEC §3.3)
     refine_ckpt: str = ""  # stage ae: refine checkpoint; "" = OUT_DIR/refine.pt
@@ -90,7 +88,7 @@ class Config:
     eval_images: int = 50_000  # stage eval: held-out images for PSNR / rFID (all of them if fewer)
     psnr_images: int = 1000  # held-out images for the periodic PSNR of stage ae
     lpc_images: int = 1000  # stage eval: images for the LPC diagnostic (SPEC §13)
-    fid_weights: str = ""  # Inception weight file for rFID; "" = torch hub cache (see fid.py)
+    fid_weights: str = ""  # Inception weight file for rFID; "" = torch hub cache (tiny: random weights)
     num_workers: int = 8  # data-loader processes per rank
     seed: int = 0
     log_every: int = 50  # steps
@@ -164,7 +162,6 @@ class SyntheticImages(torch.utils.data.Dataset):
     def __init__(self, count, size, seed=0):
         self.count, self.size, self.seed = count, size, seed
         self.name = f"synthetic(count={count}, size={size}, seed={seed})"
-        self.samples = None
 
     def __len__(self):
         return self.count
@@ -236,7 +233,8 @@ class StepSampler(torch.utils.data.Sampler):
             epoch, s = divmod(step, steps_per_epoch)
             if epoch != perm_epoch:
                 perm_epoch = epoch
-                perm = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                perm = torch.randperm(self.count, generator=g)
             yield from perm[s * self.batch_size:(s + 1) * self.batch_size][self.mine].tolist()
             step += 1
 
@@ -262,6 +260,7 @@ def encode_stage(cfg, d, log, ae_path):
         fail(f"{cfg.latents} already holds a complete latent cache; pass --overwrite to replace it or choose "
              f"another --latents")
     pae = M.pae_from_checkpoint(ae_path, device=d.device)
+    cfg.image_size = pae.image_size  # images are cropped to the size the tokenizer was trained at
     dataset = make_dataset(cfg)
     count = len(dataset)
     num_classes = dataset.num_classes
@@ -403,16 +402,18 @@ class IntervalLog:
             self.t0, self.step0 = time.perf_counter(), step
 
     def emit(self, step, lr):
-        keys = list(self.sums)
-        stats = torch.stack([self.sums[k] for k in keys] + [torch.tensor(float(self.skipped), device=self.d.device)])
-        stats = (self.d.all_reduce_mean(stats / self.n)).tolist()
+        keys, world = list(self.sums), self.d.world_size
+        skipped = torch.tensor(float(self.skipped * world), device=self.d.device)
+        stats = [self.sums[k] / self.n for k in keys] + [skipped]
+        stats = self.d.all_reduce_mean(torch.stack(stats)).tolist()  # interval means over ranks; skipped: the sum
         elapsed = time.perf_counter() - self.t0
         img_s = (step - self.step0) * self.cfg.batch_size / elapsed if step > self.step0 else float("nan")
-        mfu = f"{100 * img_s * self.flops / (self.peak * self.d.world_size):.1f}%" if self.peak and img_s == img_s else "-"
-        mem = f"{torch.cuda.max_memory_allocated(self.d.device) / 2**30:.1f}GiB" if self.d.device.type == "cuda" else "-"
+        mfu = f"{100 * img_s * self.flops / (self.peak * world):.1f}%" if self.peak and img_s == img_s else "-"
+        cuda = self.d.device.type == "cuda"
+        mem = f"{torch.cuda.max_memory_allocated(self.d.device) / 2**30:.1f}GiB" if cuda else "-"
         eta = format_duration((self.total - step) * self.cfg.batch_size / img_s) if img_s == img_s else "-"
         parts = " | ".join(f"{k} {v:.4f}" for k, v in zip(keys, stats))
-        skipped = round(stats[-1] * self.n * self.d.world_size)
+        skipped = round(stats[-1])
         self.log(f"{self.name} step {step}/{self.total} | {parts} | lr {lr:.2e} | {img_s:.1f} img/s | MFU {mfu} "
                  f"| mem {mem} | ETA {eta}" + (f" | {skipped} unreadable images skipped" if skipped else ""))
         self.sums, self.n, self.skipped = {}, 0, 0
@@ -431,9 +432,9 @@ def sync_context(module, sync):
     return module.no_sync() if isinstance(module, DDP) and not sync else torch.enable_grad()
 
 
-def build_pae(cfg, d):
+def new_pae(cfg, d):
     """The PAE of the config on the device (random tiny VFM under --preset tiny)."""
-    return M.build_pae(vfm=cfg.vfm, decoder=cfg.decoder, pretrained=True, preset="tiny" if cfg.preset == "tiny" else None,
+    return M.build_pae(vfm=cfg.vfm, decoder=cfg.decoder, preset="tiny" if cfg.preset == "tiny" else None,
                        vfm_weights=cfg.vfm_weights or None, image_size=cfg.image_size).to(d.device)
 
 
@@ -456,6 +457,7 @@ def start_or_resume(cfg, d, log, path, kind):
 
 def refine_stage(cfg, d, log):
     ckpt_path, final_path = os.path.join(cfg.out_dir, "ckpt_refine.pt"), os.path.join(cfg.out_dir, "refine.pt")
+    torch.manual_seed(cfg.seed)
     vfm = M.VFM("tiny" if cfg.preset == "tiny" else cfg.vfm, weights=cfg.vfm_weights or None).to(d.device)
     probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=d.device)
     refiner = M.build_refiner(vfm(probe).shape[-1], preset="tiny" if cfg.preset == "tiny" else None).to(d.device)
@@ -463,6 +465,9 @@ def refine_stage(cfg, d, log):
     step = 0
     ckpt = start_or_resume(cfg, d, log, ckpt_path, "refine")
     if ckpt is not None:
+        if ckpt["refiner_args"] != refiner.refiner_args:
+            fail(f"{ckpt_path} holds a refiner {ckpt['refiner_args']}, but this run builds {refiner.refiner_args}; "
+                 f"use the same --preset/--vfm or another --out_dir")
         refiner.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
@@ -569,7 +574,7 @@ def evaluate(cfg, d, pae, dataset, count, lpips_net=None, inception=None):
         if inception is not None:
             for k, imgs in enumerate((x, recon)):
                 uint8 = (imgs * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # NHWC, rounded (SPEC §9)
-                feats = torch.as_tensor(fid.inception_features(inception, uint8)["pool"], device=d.device).double()
+                feats = fid.inception_features(inception, uint8, batch_size=batch)["pool"].double()
                 moments[k] += feats.sum(0)
                 cross[k] += feats.T @ feats
         i += len(x)
@@ -617,9 +622,9 @@ def ae_stage(cfg, d, log, refine_path):
     refiner = M.build_refiner(**refine_ckpt["refiner_args"])
     refiner.load_state_dict(refine_ckpt["model"])
     refiner = refiner.to(d.device).requires_grad_(False).eval()  # P_t supplies the SSR/SCR targets, frozen
-    lpips_net = losses.LPIPS(pretrained=not tiny).to(d.device).requires_grad_(False).eval()
-    torch.manual_seed(cfg.seed)
-    pae = build_pae(cfg, d)
+    torch.manual_seed(cfg.seed)  # the same initial weights (and tiny random LPIPS) on every rank and every run
+    lpips_net = losses.LPIPS(pretrained=not tiny).to(d.device)
+    pae = new_pae(cfg, d)
     disc = M.PatchDiscriminator().to(d.device)
     ema = copy.deepcopy(pae).requires_grad_(False).eval()
     opt = make_optimizer(cfg, pae.trainable_parameters(), d.device)
@@ -627,6 +632,9 @@ def ae_stage(cfg, d, log, refine_path):
     step = 0
     ckpt = start_or_resume(cfg, d, log, ckpt_path, "pae")
     if ckpt is not None:
+        if ckpt["pae_args"] != pae.pae_args:
+            fail(f"{ckpt_path} holds a PAE {ckpt['pae_args']}, but this run builds {pae.pae_args}; use the same "
+                 f"--preset/--vfm/--decoder/--image_size or another --out_dir")
         pae.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -664,7 +672,8 @@ def ae_stage(cfg, d, log, refine_path):
         if d.master:
             save_checkpoint(ckpt_path, "pae", pae, cfg, step, ema=ema, opt=opt, pae_args=pae.pae_args,
                             disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
-            write_grid(cfg, pae, held_out or dataset, os.path.join(cfg.out_dir, f"grid_{step:07d}.png"), d.device)
+            grid_path = os.path.join(cfg.out_dir, f"grid_{step:07d}.png")
+            write_grid(cfg, pae, dataset if held_out is None else held_out, grid_path, d.device)
         if held_out is not None:
             metrics = evaluate(cfg, d, pae, held_out, min(cfg.psnr_images, len(held_out)))
             log(f"ae step {step}: held-out PSNR {metrics['psnr']:.2f} dB (raw weights, the ones encode uses)")
@@ -718,22 +727,25 @@ def ae_stage(cfg, d, log, refine_path):
 
 
 def eval_stage(cfg, d, log, ae_path):
-    dataset = make_dataset(cfg, held_out=True)
-    if dataset is None:
+    if cfg.val_data == "" and cfg.data != "synthetic":
         fail("stage eval needs held-out images: pass --val_data DIR (e.g. the ImageNet val folder with class "
              "sub-folders)")
     pae = M.pae_from_checkpoint(ae_path, device=d.device)
-    lpips_net = losses.LPIPS(pretrained=cfg.preset != "tiny").to(d.device).requires_grad_(False).eval()
-    inception = None if fid is None else fid.load_inception(cfg.fid_weights or None, device=d.device)
-    if inception is None:
-        log("eval: fid.py is not available, so no rFID")
+    cfg.image_size = pae.image_size  # images are cropped to the size the tokenizer was trained at
+    dataset = make_dataset(cfg, held_out=True)
+    torch.manual_seed(cfg.seed)  # tiny preset: the same random LPIPS on every rank
+    lpips_net = losses.LPIPS(pretrained=cfg.preset != "tiny").to(d.device)
+    weights = cfg.fid_weights or ("random" if cfg.preset == "tiny" else None)
+    if weights == "random":
+        log("eval: random Inception weights (tiny preset without --fid_weights): the rFID only tests the plumbing")
+    inception = fid.load_inception(weights, device=d.device)
     count = min(cfg.eval_images, len(dataset))
     log(f"eval: {ae_path} on {count} images of {dataset.name}")
     metrics = evaluate(cfg, d, pae, dataset, count, lpips_net, inception)
     log("eval: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if d.master:
-        M.atomic_write(os.path.join(cfg.out_dir, "eval.json"),
-                       lambda f: f.write(json.dumps({"ae_ckpt": ae_path, "images": count, **metrics}, indent=2).encode()))
+        report = json.dumps({"ae_ckpt": ae_path, "images": count, **metrics}, indent=2)
+        M.atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: f.write(report.encode()))
     return metrics
 
 # -----------------------------------------------------------------------------

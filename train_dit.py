@@ -194,7 +194,7 @@ def bench(cfg, d):
         peak = peak_flops(d.device)
         mfu = f"{100 * img_s * flops / peak:.1f}%" if peak else "n/a (no peak for this device)"
         mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if d.device.type == "cuda" else "n/a (CPU)"
-        print(f"bench {cfg.model} micro-batch {micro} compile={compiled}: {img_s:.1f} img/s | MFU {mfu} | "
+        print(f"bench {cfg.model} micro-batch {micro} compile={compiled}: {img_s:.4g} img/s | MFU {mfu} | "
               f"peak memory {mem} | {flops / 1e9:.2f} GFLOP/img (fwd+bwd) | {seconds / cfg.bench_steps:.3f} s/step",
               flush=True)
         del model, raw, opt

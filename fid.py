@@ -1,0 +1,474 @@
+r"""
+FID, sFID, Inception Score, Precision and Recall as the ADM evaluator computes them, in plain PyTorch (SPEC §10).
+
+CPU smoke run:  python fid.py samples.npz --ref samples.npz --preset tiny
+One GPU:        python fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz
+8 GPUs:         torchrun --nproc_per_node=8 fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz --batch_size 2048
+Two nodes:      torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+                    fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz --batch_size 4096
+Stats file:     python fid.py path/to/images/ --save_stats my_ref.npz      (then --ref my_ref.npz)
+Offline:        add --weights pt_inception-2015-12-05-6726825d.pth          (default: download once to the hub cache)
+
+SAMPLES and --ref each are an ADM-style .npz (arr_0: uint8 N x H x W x 3, any size), a folder of images
+(searched recursively) or a statistics .npz (mu, sigma, mu_s, sigma_s, optionally the pool3 features "pool"
+used for precision/recall; VIRTUAL_imagenet256_labeled.npz holds the statistics plus arr_0). Under torchrun
+each rank extracts its share of the images and the features are gathered. Prints a table and one JSON line.
+"""
+
+# -----------------------------------------------------------------------------
+# imports
+
+import copy
+import glob
+import hashlib
+import json
+import os
+import struct
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from scipy.special import log_softmax, rel_entr
+from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB, InceptionC,
+                                          InceptionD, InceptionE)
+from tqdm import tqdm
+
+from model import Dist, atomic_write, fail, parse_config, print0
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    samples: str = ""  # images to score: .npz (arr_0), folder, or statistics .npz; may also come first, flag-less
+    ref: str = ""  # reference, same kinds (VIRTUAL_imagenet256_labeled.npz for published numbers); "" = IS only
+    save_stats: str = ""  # write the samples' statistics (mu, sigma, mu_s, sigma_s, pool) to this .npz
+    weights: str = ""  # local pt_inception-2015-12-05-6726825d.pth; "" = download once into the torch hub cache
+    batch_size: int = 256  # global images per forward pass, split evenly over the ranks
+    preset: str = "paper"  # paper | tiny (batch 32, for a CPU laptop)
+
+
+PRESETS = {"paper": {}, "tiny": {"batch_size": 32}}
+
+# -----------------------------------------------------------------------------
+# the FID Inception-v3: torchvision's Inception3 layout with the TF graph's pooling (SPEC §10)
+
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")  # the TF graph's weights, ported by pytorch-fid
+WEIGHTS_SHA256_PREFIX = "6726825d"
+DIMS = {"pool": 2048, "logits": 1008, "spatial": 2023}
+
+
+def tf_avg_pool(x):
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)  # TF ignores the padding
+
+
+class FIDInceptionA(InceptionA):
+    def _forward(self, x):
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return [self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)), b3, self.branch_pool(tf_avg_pool(x))]
+
+
+class FIDInceptionC(InceptionC):
+    def _forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7dbl = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            b7dbl = conv(b7dbl)
+        return [self.branch1x1(x), b7, b7dbl, self.branch_pool(tf_avg_pool(x))]
+
+
+class FIDInceptionE(InceptionE):
+    max_pool = False  # True in Mixed_7c: the TF graph max-pools there (stride 1, padding 1)
+
+    def _forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else tf_avg_pool(x)
+        return [self.branch1x1(x), torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1),
+                torch.cat([self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl)], 1), self.branch_pool(pooled)]
+
+
+class FIDInception(Inception3):
+    """Module names are torchvision's, so pt_inception-2015-12-05-6726825d.pth loads with strict=True."""
+
+    def __init__(self):
+        super().__init__(num_classes=1008, aux_logits=False, init_weights=False, inception_blocks=[
+            BasicConv2d, FIDInceptionA, InceptionB, FIDInceptionC, InceptionD, FIDInceptionE, InceptionAux])
+        self.Mixed_7c.max_pool = True
+
+    def forward(self, x):
+        """x: (B, 3, 299, 299) normalised to [-1, 1] -> pool (B, 2048), logits (B, 1008), spatial (B, 2023)."""
+        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                     "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c"):
+            x = getattr(self, name)(x)
+        branches = self.Mixed_6d._forward(x)  # branches[0] is the TF graph's mixed_6/conv (after its ReLU)
+        spatial = branches[0][:, :7].permute(0, 2, 3, 1).flatten(1)  # (B, 17*17*7) in TF's NHWC order
+        x = torch.cat(branches, 1)
+        for name in ("Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+            x = getattr(self, name)(x)
+        pool = self.avgpool(x).flatten(1)  # (B, 2048) = TF's pool_3
+        return {"pool": pool, "logits": pool @ self.fc.weight.T, "spatial": spatial}  # ADM's IS logits: no bias
+
+
+def random_state_dict(net, seed=0):
+    """Seeded random weights in the file's 472-tensor layout that keep activations O(1) through all 94 convs."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, t in net.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        if name.endswith(("running_var", "bn.weight")):
+            state[name] = 0.5 + torch.rand(t.shape, generator=g)
+        elif name.endswith(("conv.weight", "fc.weight")):
+            state[name] = torch.randn(t.shape, generator=g) * (2 / t[0].numel()) ** 0.5  # He init
+        else:  # bn.bias, running_mean, fc.bias
+            state[name] = 0.1 * torch.randn(t.shape, generator=g)
+    return state
+
+
+def weights_file(weights):
+    """Path of the weight file: `weights` itself (hash checked, warned about) or the hub cache copy (downloaded)."""
+    if weights:
+        if not os.path.isfile(weights):
+            fail(f"Inception weight file {weights} does not exist; download {WEIGHTS_URL} and pass its path "
+                 f"with --weights")
+        with open(weights, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+            print0(f"warning: {weights} has SHA-256 {digest[:8]}..., not {WEIGHTS_SHA256_PREFIX}...; scores will "
+                   f"not be comparable to published ones", file=sys.stderr)
+        return weights
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
+    local_master = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if dist.is_initialized() and not local_master:
+        dist.barrier()  # local rank 0 downloads first
+    if local_master and not os.path.isfile(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(WEIGHTS_URL, path, hash_prefix=WEIGHTS_SHA256_PREFIX)
+        except (OSError, RuntimeError) as e:
+            fail(f"the FID Inception weights could not be downloaded ({type(e).__name__}: {e}); download "
+                 f"{WEIGHTS_URL} on a machine with internet access and pass it with --weights PATH (or put it at "
+                 f"{path})")
+    if dist.is_initialized() and local_master:
+        dist.barrier()
+    return path
+
+
+def load_inception(weights=None, device="cpu"):
+    """The FID Inception in eval mode on `device`. weights: None = the standard file (downloaded once into the torch
+    hub cache), a path = a local copy of it, "random" = random_state_dict() (tests and benchmarks)."""
+    net = FIDInception()
+    if weights == "random":
+        net.load_state_dict(random_state_dict(net))
+    else:
+        path = weights_file(weights)
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:
+            fail(f"{path} is not the FID Inception state dict ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                 f"use {os.path.basename(WEIGHTS_URL)}")
+    return net.eval().requires_grad_(False).to(device)
+
+
+# -----------------------------------------------------------------------------
+# images: TF-graph preprocessing, readers for .npz and folders, feature extraction
+
+
+def tf_resize_bilinear(x, size=299):
+    """TF1 ResizeBilinear as in the ADM evaluator's graph (align_corners=False, no half-pixel centres, no
+    antialias): (B, H, W, C) float -> (B, size, size, C), with TF's float32 arithmetic in TF's order."""
+    def along_dim1(t):  # TF's LegacyScaler source positions along dim 1, gathering whole contiguous slices
+        n = t.shape[1]
+        src = torch.arange(size, dtype=torch.float32, device=t.device) * (torch.tensor(float(n)) / size)
+        lower = t.index_select(1, src.floor().long())
+        upper = t.index_select(1, src.ceil().long().clamp(max=n - 1))
+        return lower + (upper - lower) * (src - src.floor())[:, None, None]
+    x = along_dim1(x.transpose(1, 2).contiguous())  # along W first, as TF: (B, size, H, C)
+    return along_dim1(x.transpose(1, 2).contiguous())  # then along H: (B, size, size, C)
+
+
+def preprocess(images, device):
+    """uint8 (B, H, W, 3) array or tensor, or a list of (H, W, 3) arrays of any sizes -> (B, 3, 299, 299) float in
+    [-1, 1] on device: [0, 255] floats, TF1 bilinear resize, (x - 128) / 128 as the TF graph does."""
+    if isinstance(images, list):
+        if len({im.shape for im in images}) > 1:  # mixed sizes (a folder): resize one by one
+            return torch.cat([preprocess(im[None], device) for im in images])
+        images = np.stack(images)
+    x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images))  # a copy: memmaps are read-only
+    x = ((tf_resize_bilinear(x.to(device).float()) - 128) / 128).permute(0, 3, 1, 2)  # channels_last strides
+    # oneDNN's NHWC convolutions are 1.4x faster on CPU; unmeasured on GPU, so the GPU gets the default layout
+    return x if x.device.type == "cpu" else x.contiguous()
+
+
+@contextmanager
+def exact_fp32():
+    """TF32 off while extracting (the reference ran in full fp32); the caller's setting is restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def check_images(images, name):
+    if isinstance(images, ImageFolder):
+        return
+    if images.ndim != 4 or images.shape[-1] != 3 or not str(images.dtype).endswith("uint8"):
+        fail(f"{name} must be uint8 images of shape (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+
+
+@torch.inference_mode()
+def inception_features(net, images, batch_size=250, progress=False):
+    """{"pool": (N, 2048), "logits": (N, 1008), "spatial": (N, 2023)} float32 tensors on the net's device for
+    uint8 NHWC images (array, tensor, memmap or ImageFolder); this process does all N (see gathered_features)."""
+    check_images(images, "the images")
+    device = next(net.parameters()).device
+    feats = {k: [torch.empty(0, d, device=device)] for k, d in DIMS.items()}
+    with exact_fp32(), tqdm(total=len(images), disable=not progress, unit="img", desc="inception",
+                            dynamic_ncols=True) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            if isinstance(batch, ImageFolder):
+                batch = batch.read()
+            for k, v in net(preprocess(batch, device)).items():
+                feats[k].append(v)
+            bar.update(len(batch))
+    return {k: torch.cat(v) for k, v in feats.items()}
+
+
+def gathered_features(net, images, batch_size):
+    """inception_features() of all images on every rank: under torchrun each rank extracts a contiguous share."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    bounds = [len(images) * r // world for r in range(world + 1)]
+    feats = inception_features(net, images[bounds[rank]:bounds[rank + 1]], batch_size, progress=rank == 0)
+    if world == 1:
+        return feats
+    largest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    for k, v in feats.items():  # all_gather needs equal sizes: pad, gather, trim
+        parts = [torch.empty(largest, v.shape[1], device=v.device) for _ in range(world)]
+        dist.all_gather(parts, torch.cat([v, v.new_zeros(largest - len(v), v.shape[1])]))
+        feats[k] = torch.cat([p[:b - a] for p, a, b in zip(parts, bounds, bounds[1:])])
+    return feats
+
+
+class ImageFolder:
+    """Image files under a folder (recursive, sorted). A slice is a lazy view (sharing .failed and the thread pool);
+    read() decodes its files in parallel to uint8 (H, W, 3) RGB arrays. Unreadable files are listed in .failed."""
+    EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+    def __init__(self, root):
+        self.root, self.failed, self.pool = root, [], ThreadPoolExecutor(min(16, os.cpu_count()))
+        self.files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                            if p.lower().endswith(self.EXTENSIONS))
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        view = copy.copy(self)
+        view.files = self.files[index]
+        return view
+
+    def read(self):
+        return list(self.pool.map(self.read_file, self.files))
+
+    def read_file(self, path):
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+        except (OSError, ValueError, SyntaxError):  # PIL's errors for truncated, corrupt and non-image files
+            self.failed.append(path)
+            return np.zeros((299, 299, 3), np.uint8)  # a stand-in; statistics() stops after the pass
+
+
+def npz_images(path):
+    """arr_0 of an ADM-style .npz: memory-mapped when stored uncompressed (np.savez), so ranks read only their share."""
+    with zipfile.ZipFile(path) as zf:
+        if "arr_0.npy" not in zf.namelist():
+            fail(f"{path} has no arr_0 (uint8 N x H x W x 3 images) and no mu/sigma statistics")
+        info = zf.getinfo("arr_0.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return np.load(path)["arr_0"]
+    with open(path, "rb") as f:  # the member's data follow its local header (30 bytes + name + extra field)
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        offset = f.tell()
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran_order else "C")
+
+
+# -----------------------------------------------------------------------------
+# statistics and metrics
+
+
+def statistics(source, net, batch_size=250):
+    """{"mu", "sigma", "mu_s", "sigma_s", "pool"} of a uint8 NHWC array/tensor, an .npz of images, a folder or a
+    statistics .npz (returned as stored; pool3 features of its arr_0 are added, as ADM does for its reference)."""
+    if isinstance(source, dict):
+        return source
+    stats, images = {}, source
+    if isinstance(source, str):
+        if os.path.isdir(source):
+            images = ImageFolder(source)
+            if len(images) == 0:
+                fail(f"no image files ({', '.join(ImageFolder.EXTENSIONS)}) under {source}")
+        elif not os.path.isfile(source):
+            fail(f"{source} does not exist; give an .npz of images, a folder of images or a statistics .npz")
+        else:
+            try:
+                with np.load(source) as f:
+                    stats = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in f}
+                    has_images = "arr_0" in f
+            except (OSError, ValueError, zipfile.BadZipFile) as e:
+                fail(f"{source} cannot be read as an .npz ({type(e).__name__}); give an .npz, a folder or stats")
+            images = npz_images(source) if (has_images and "pool" not in stats) or not stats else None
+    if images is None:
+        return stats
+    check_images(images, f"{source if isinstance(source, str) else 'the images'}: arr_0")
+    if len(images) < 2:
+        fail(f"{source if isinstance(source, str) else 'the images'} hold {len(images)} image(s); FID needs at "
+             f"least 2 to estimate a covariance")
+    feats = {k: v.double().cpu().numpy() for k, v in gathered_features(net, images, batch_size).items()}
+    if isinstance(images, ImageFolder):
+        failed = images.failed
+        if dist.is_initialized():
+            lists = [None] * dist.get_world_size()
+            dist.all_gather_object(lists, failed)
+            failed = sum(lists, [])
+        if failed:
+            fail(f"{len(failed)} of {len(images)} image files under {images.root} cannot be read ("
+                 f"{', '.join(sorted(failed)[:3])}{', ...' if len(failed) > 3 else ''}); fix or remove them")
+    computed = {"mu": feats["pool"].mean(0), "sigma": np.cov(feats["pool"], rowvar=False),
+                "mu_s": feats["spatial"].mean(0), "sigma_s": np.cov(feats["spatial"], rowvar=False),
+                "pool": feats["pool"].astype(np.float32)}
+    return {**computed, **stats}  # stored statistics win (ADM's reference: mu/sigma over all of ImageNet)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) in float64. tr sqrt(S1 S2) is the sum of the square roots
+    of the eigenvalues of sqrt(S1) S2 sqrt(S1), a symmetric PSD matrix with the spectrum of S1 S2: ADM's
+    scipy.linalg.sqrtm number (4e-13 relative apart at 2048-d) about 5x faster, and stable when S1 S2 is singular
+    (fewer samples than dimensions), so there is no retry with 1e-6 I and no imaginary part to check."""
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        fail(f"the two sets of statistics have different dimensions (mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
+             f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}); both must come from the same Inception layer")
+    if not all(torch.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        fail("the statistics contain NaN or inf; recompute them from finite features")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2-3 s at 2048-d on one core; extra threads gain little and lose 3x on shared cores
+    try:
+        eigenvalues, vectors = torch.linalg.eigh(sigma1)
+        root1 = (vectors * eigenvalues.clamp(min=0).sqrt()) @ vectors.T
+        tr_covmean = torch.linalg.eigvalsh(root1 @ sigma2 @ root1).clamp(min=0).sqrt().sum()
+    finally:
+        torch.set_num_threads(threads)
+    return ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean).item()
+
+
+def inception_score(logits, split_size=5000):
+    """ADM's IS: exp(E KL(p(y|x) || p(y))) over consecutive splits of split_size, averaged. logits: (N, 1008)."""
+    log_p = log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
+    scores = []
+    for start in range(0, len(log_p), split_size):
+        p = np.exp(log_p[start:start + split_size])
+        scores.append(np.exp(rel_entr(p, p.mean(0, keepdims=True)).sum(1).mean()))
+    return float(np.mean(scores))
+
+
+@torch.inference_mode()
+def precision_recall(ref_feats, sample_feats, k=3, device="cpu", rows=4096):
+    """Kynkaanniemi et al. k-NN manifolds as in ADM: precision = share of samples inside some reference ball of
+    radius = distance to its k-th neighbour, recall = share of reference features inside some sample ball."""
+    ref, smp = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (ref_feats, sample_feats))
+    if ref.shape[1] != smp.shape[1]:
+        fail(f"reference and sample features have different dimensions ({ref.shape[1]} vs {smp.shape[1]})")
+
+    def sq_dists(a, b):  # (A, B) squared Euclidean distances, as ADM's _batch_pairwise_distances
+        return (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)).clamp(min=0)
+
+    def radii(x):  # (N,) squared distance to the k-th nearest neighbour, itself excluded
+        return torch.cat([sq_dists(x[i:i + rows], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), rows)])
+
+    def inside(x, centres, r):
+        return torch.cat([(sq_dists(x[i:i + rows], centres) <= r).any(1) for i in range(0, len(x), rows)])
+
+    with exact_fp32():
+        precision = inside(smp, ref, radii(ref)).double().mean().item()
+        recall = inside(ref, smp, radii(smp)).double().mean().item()
+    return precision, recall
+
+
+def compute_metrics(samples, ref=None, net=None, batch_size=250):
+    """{"fid", "sfid", "is", "precision", "recall", "n"} (None where the inputs lack what a metric needs). samples
+    and ref: anything statistics() takes. net: a load_inception() net (default: the standard weights on this
+    process's GPU or the CPU). Under torchrun call it on every rank: the ranks share the feature extraction."""
+    if net is None:
+        net = load_inception(device=f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    s = statistics(samples, net, batch_size)
+    r = statistics(ref, net, batch_size) if ref is not None else {}
+    metrics = {"fid": None, "sfid": None, "is": None, "precision": None, "recall": None, "n": None}
+    if "pool" in s:
+        metrics["n"] = len(s["pool"])
+        metrics["is"] = inception_score(s["pool"] @ net.fc.weight.cpu().double().numpy().T)
+    if "mu" in r:
+        metrics["fid"] = frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"])
+    if "mu_s" in r and "mu_s" in s:
+        metrics["sfid"] = frechet_distance(s["mu_s"], s["sigma_s"], r["mu_s"], r["sigma_s"])
+    if "pool" in r and "pool" in s and min(len(r["pool"]), len(s["pool"])) > 3:  # k = 3 neighbours need 4 points
+        metrics["precision"], metrics["recall"] = precision_recall(r["pool"], s["pool"],
+                                                                   device=next(net.parameters()).device)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main():
+    argv = sys.argv[1:]
+    if argv and not argv[0].startswith("-"):
+        argv = ["--samples", *argv]  # `python fid.py SAMPLES ...`
+    cfg = parse_config(Config, argv, PRESETS)
+    if not cfg.samples:
+        fail("give the images to score: python fid.py SAMPLES [--ref REF] (see --help)")
+    for path in (cfg.samples, cfg.ref):  # before the weights load (or download)
+        if path and not os.path.exists(path):
+            fail(f"{path} does not exist; give an .npz of images, a folder of images or a statistics .npz")
+    ddp = Dist()
+    if cfg.batch_size % ddp.world_size:
+        fail(f"--batch_size {cfg.batch_size} is not divisible by the {ddp.world_size} ranks")
+    torch.backends.cudnn.benchmark = True  # fixed input shape: let cuDNN pick its fastest fp32 kernels
+
+    net = load_inception(cfg.weights or None, ddp.device)
+    stats = statistics(cfg.samples, net, cfg.batch_size // ddp.world_size)
+    if cfg.save_stats and ddp.master:
+        atomic_write(cfg.save_stats, lambda f: np.savez(f, **stats))
+        print0(f"wrote {cfg.save_stats}")
+    metrics = compute_metrics(stats, cfg.ref or None, net, cfg.batch_size // ddp.world_size)
+
+    names = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall", "n": "images"}
+    for key, name in names.items():
+        value = metrics[key]
+        print0(f"{name:<10} {'-' if value is None else value if key == 'n' else f'{value:.4f}'}")
+    print0(json.dumps(metrics))
+    ddp.teardown()
+
+
+if __name__ == "__main__":
+    main()
