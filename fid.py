@@ -142,26 +142,29 @@ def weights_file(weights):
         if not os.path.isfile(weights):
             fail(f"Inception weight file {weights} does not exist; download {WEIGHTS_URL} and pass its path "
                  f"with --weights")
+        sha = hashlib.sha256()
         with open(weights, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+        digest = sha.hexdigest()
         if not digest.startswith(WEIGHTS_SHA256_PREFIX):
             print0(f"warning: {weights} has SHA-256 {digest[:8]}..., not {WEIGHTS_SHA256_PREFIX}...; scores will "
                    f"not be comparable to published ones", file=sys.stderr)
         return weights
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
-    local_master = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if dist.is_initialized() and not local_master:
-        dist.barrier()  # local rank 0 downloads first
-    if local_master and not os.path.isfile(path):
+    error = None
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.isfile(path):  # one download per node
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(WEIGHTS_URL, path, hash_prefix=WEIGHTS_SHA256_PREFIX)
         except (OSError, RuntimeError) as e:
-            fail(f"the FID Inception weights could not be downloaded ({type(e).__name__}: {e}); download "
-                 f"{WEIGHTS_URL} on a machine with internet access and pass it with --weights PATH (or put it at "
-                 f"{path})")
-    if dist.is_initialized() and local_master:
-        dist.barrier()
+            error = f"{type(e).__name__}: {e}"
+    if dist.is_initialized():
+        dist.barrier()  # every rank waits for the download, and every rank fails alike without it
+    if not os.path.isfile(path):
+        fail(f"the FID Inception weights could not be downloaded ({error or 'not found after the download'}); "
+             f"download {WEIGHTS_URL} on a machine with internet access and pass it with --weights PATH (or put "
+             f"it at {path})")
     return path
 
 

@@ -11,6 +11,7 @@ Sections (each marked with a banner):
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -286,6 +287,7 @@ class VFM(nn.Module):
             mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
             print0("VFM: tiny random ViT (2 layers, width 64), no pretrained weights: for CPU tests only")
         else:
+            weights = weights if pretrained else None  # e.g. decode-only on another machine: no file needed
             if weights and not os.path.isfile(weights):
                 fail(f"VFM weights file {weights} does not exist; pass the path of a {timm_name} weight file")
             try:  # timm's own loading: Hugging Face cache, or the local file (resampling the position embedding)
@@ -529,15 +531,14 @@ def _joint_bilateral_up(features, guide, sigma_spatial=0.5, sigma_range=0.1, rad
     cell = torch.div(torch.arange(R, device=guide.device), s, rounding_mode="floor")
     pad = lambda x: F.pad(x, (radius,) * 4)
     feats, colours, valid = pad(features), pad(guide_low), pad(torch.ones(1, 1, g, g, device=guide.device))
-    num, den = 0, 0
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            up = lambda x: x[..., cell[:, None] + radius + dy, cell[None, :] + radius + dx]  # nearest, shifted
-            dist2 = (pos[:, None] - cell[:, None] - dy) ** 2 + (pos[None, :] - cell[None, :] - dx) ** 2
-            weight = up(valid) * torch.exp(-dist2 / (2 * sigma_spatial ** 2)
-                                           - (guide - up(colours)).pow(2).sum(1, keepdim=True) / (2 * sigma_range ** 2))
-            num, den = num + weight * up(feats), den + weight
-    return num / den
+    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+    up = lambda x, dy, dx: x[..., cell[:, None] + radius + dy, cell[None, :] + radius + dx]  # nearest, shifted
+    log_weights = torch.stack([
+        up(valid, dy, dx).log()  # -inf outside the grid; the centre token is always inside
+        - ((pos[:, None] - cell[:, None] - dy) ** 2 + (pos[None, :] - cell[None, :] - dx) ** 2) / (2 * sigma_spatial ** 2)
+        - (guide - up(colours, dy, dx)).pow(2).sum(1, keepdim=True) / (2 * sigma_range ** 2) for dy, dx in offsets])
+    weights = torch.softmax(log_weights, dim=0)  # normalised in log space: no 0/0 when every exp underflows
+    return sum(w * up(feats, dy, dx) for w, (dy, dx) in zip(weights, offsets))
 
 
 def _structural_mixing(images01, g, upsample, lowpass):
@@ -656,8 +657,9 @@ class Dist:
         else:
             self.device = torch.device("cpu")
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", device_id=
-                                    self.device if self.device.type == "cuda" else None)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    device_id=self.device if self.device.type == "cuda" else None,
+                                    timeout=datetime.timedelta(hours=1))  # rank-0 merges and writes can be slow
         self.master = self.rank == 0
 
     def barrier(self):
@@ -722,7 +724,7 @@ def save_checkpoint(path, kind, model, config, step, ema=None, opt=None, **extra
 def load_checkpoint(path, kind):
     """Load a checkpoint of the expected kind, or stop with one sentence saying what is wrong."""
     if not os.path.isfile(path):
-        fail(f"checkpoint {path} does not exist; check the path (or drop --resume to start a new run)")
+        fail(f"checkpoint {path} does not exist; check the path")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

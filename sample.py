@@ -1,4 +1,4 @@
-"""
+r"""
 Sample a trained LightningDiT: Euler ODE / Euler-Maruyama SDE on the shifted time grid with interval CFG,
 decoded by the PAE, written as an ADM-format .npz plus a PNG grid (SPEC §9).
 
@@ -68,7 +68,7 @@ class Config:
 PRESETS = {
     "80ep": dict(cfg_scale=2.5, cfg_interval_start=0.25),  # 80-epoch DiT (gFID 1.27)
     "800ep": dict(cfg_scale=3.3, cfg_interval_start=0.3),  # 800-epoch DiT with qk_norm (gFID 1.03)
-    "tiny": dict(ckpt="out/tiny/dit/ckpt.pt", out="out/tiny/samples.npz", num_samples=64, num_steps=20,
+    "tiny": dict(ckpt="out/tiny/dit/ckpt.pt", out="out/tiny/samples.npz", num_samples=64, num_steps=50,
                  batch_size=16, compile=False),  # 64 = 4 of each of the 16 synthetic classes
 }
 SAMPLERS = ("ode", "sde")
@@ -168,17 +168,19 @@ def save_npz(path, **arrays):
 
 
 def latent_meta(ckpt, path):
-    """The latent cache's meta.json (SPEC §3.3), or the copy stored in the DiT checkpoint if the cache is gone."""
+    """Latent statistics and AE path (SPEC §3.3): the copy stored in the DiT checkpoint, which is what the DiT was
+    trained on; the latent cache's meta.json only for checkpoints without a copy."""
     meta_path = os.path.join(ckpt["config"].get("latents", ""), "meta.json")
     stored = ckpt.get("latent_meta")
+    on_disk = None
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
-            meta = json.load(f)
-        if stored and (stored["mean"], stored["std"]) != (meta["mean"], meta["std"]):
-            print0(f"warning: {meta_path} has other latent statistics than {path} was trained with; using the file")
-        return meta
-    if stored:
-        return stored
+            on_disk = json.load(f)
+    if stored and on_disk and any(stored[k] != on_disk[k] for k in ("mean", "std", "ae_ckpt")):
+        print0(f"warning: {meta_path} changed since {path} was trained (re-encoded?); using the statistics and AE "
+               f"the DiT was trained with")
+    if stored or on_disk:
+        return stored or on_disk
     fail(f"no latent statistics for {path}: {meta_path} does not exist and the checkpoint holds no copy; "
          f"restore the latent cache the DiT was trained on")
 
@@ -220,6 +222,9 @@ def main(argv=None):
              f"exist; pass --ae_ckpt PATH")
     pae = pae_from_checkpoint(ae_path, d.device, decode_only=True)
     channels, size, num_classes = args["in_channels"], args["input_size"], args["num_classes"]
+    if pae.vfm.grid != size:
+        fail(f"the AE {ae_path} decodes {pae.vfm.grid}x{pae.vfm.grid} latents but {cfg.ckpt} models {size}x{size}; "
+             f"pass the matching --ae_ckpt")
     if len(meta["mean"]) != channels:
         fail(f"the latent statistics have {len(meta['mean'])} channels but {cfg.ckpt} models {channels}")
     mean = torch.tensor(meta["mean"], device=d.device).view(1, -1, 1, 1)
@@ -243,6 +248,7 @@ def main(argv=None):
         return os.path.join(shard_dir, f"{s:06d}.npz")
 
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("fid_")}
+    settings["ckpt_step"] = ckpt["step"]  # a DiT that trained on since an interrupted run gets fresh shards
     settings_path = os.path.join(shard_dir, "settings.json")
     if os.path.isfile(settings_path):
         with open(settings_path) as f:

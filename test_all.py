@@ -354,6 +354,9 @@ def test_structural_target_preserves_constants_and_follows_edges():
     bilinear = model.structural_target(images, side, "bilinear", lowpass=0)
     assert (bilateral * side).min() > 0.999 and (bilinear * side).min() < 0.98  # the guide keeps the sides apart
     assert (model.structural_target(images, side, "bilateral") * side).min() < (bilateral * side).min()  # blur
+    line = torch.zeros(1, 3, 256, 256)
+    line[..., 100] = 1  # a 1-px white line on black: every colour weight of its pixels underflows in fp32
+    assert torch.isfinite(model.structural_target(line, torch.randn(1, 256, W), "bilateral")).all()
 
 
 def test_refiner_targets_and_loss():
@@ -547,7 +550,8 @@ def test_encode_deterministic_same_with_one_process_and_refuses_overwrite(pipeli
 def test_eval_stage_reports_psnr_rfid_lpc_gsq(pipeline):
     root, _ = pipeline
     out_dir = root / "ae"
-    _run(["train_ae.py", *FAST, "--stage", "eval", "--out_dir", str(out_dir)], nproc=2)  # metrics reduced over ranks
+    _run(["train_ae.py", *FAST, "--stage", "eval", "--out_dir", str(out_dir), "--fid_weights", "random"],
+         nproc=2)  # metrics reduced over ranks
     saved = json.load(open(out_dir / "eval.json"))
     assert saved["images"] == 8 and set(saved) >= {"psnr", "rfid", "lpc", "gsq", "gsq_std"}
     assert 0 < saved["psnr"] < 60 and saved["rfid"] >= 0 and saved["lpc"] > 0 and 0 <= saved["gsq"] <= 1
@@ -777,7 +781,7 @@ def test_restart_skips_finished_shards_and_rejects_other_settings(tmp_path):
     shards.mkdir()
     settings = {**vars(sample.parse_config(sample.Config, _args(tmp_path, dit_path, name="part"),
                                            sample.PRESETS))}
-    settings = {k: v for k, v in settings.items() if not k.startswith("fid_")}
+    settings = {**{k: v for k, v in settings.items() if not k.startswith("fid_")}, "ckpt_step": 10}
     (shards / "settings.json").write_text(json.dumps(settings))
     marker = np.full((5, pae.image_size, pae.image_size, 3), 7, np.uint8)
     sample.save_npz(str(shards / "000001.npz"), arr_0=marker, labels=np.arange(5, 10) % 3)
@@ -792,12 +796,18 @@ def test_restart_skips_finished_shards_and_rejects_other_settings(tmp_path):
         sample.main(_args(tmp_path, dit_path, name="part"))
 
 
-def test_latent_stats_fall_back_to_the_checkpoint_copy(tmp_path):
+def test_latent_stats_come_from_the_checkpoint_copy(tmp_path, capsys):
     dit_path, _ = _pipeline(tmp_path)
     sample.main(_args(tmp_path, dit_path, name="cache"))
-    os.remove(tmp_path / "latents" / "meta.json")
+    meta_path = tmp_path / "latents" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "mean": [m + 5 for m in meta["mean"]]}))  # re-encoded since
+    sample.main(_args(tmp_path, dit_path, name="changed"))
+    assert "changed since" in capsys.readouterr().out
+    os.remove(meta_path)
     sample.main(_args(tmp_path, dit_path, name="copy"))
-    assert (tmp_path / "cache.npz").read_bytes() == (tmp_path / "copy.npz").read_bytes()
+    for name in ("changed", "copy"):  # the statistics the DiT was trained with, whatever the cache says now
+        assert (tmp_path / "cache.npz").read_bytes() == (tmp_path / f"{name}.npz").read_bytes()
 
 
 def test_sample_errors(tmp_path):

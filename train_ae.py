@@ -1,4 +1,4 @@
-"""
+r"""
 Train the PAE tokenizer and extract the latent cache (SPEC §1, §4-§6, §13).
 
 Stages (--stage): refine (P_t/Q_t on frozen VFM features) -> ae (the PAE tokenizer) -> encode (the latent
@@ -88,7 +88,7 @@ class Config:
     eval_images: int = 50_000  # stage eval: held-out images for PSNR / rFID (all of them if fewer)
     psnr_images: int = 1000  # held-out images for the periodic PSNR of stage ae
     lpc_images: int = 1000  # stage eval: images for the LPC diagnostic (SPEC §13)
-    fid_weights: str = ""  # Inception weight file for rFID; "" = torch hub cache (tiny: random weights)
+    fid_weights: str = ""  # Inception weight file for rFID; "" = torch hub cache (no weights: rFID skipped)
     num_workers: int = 8  # data-loader processes per rank
     seed: int = 0
     log_every: int = 50  # steps
@@ -99,9 +99,9 @@ class Config:
 
 PRESETS = {
     "paper": {},
-    "tiny": dict(image_size=32, synthetic_size=256, batch_size=8, micro_batch_size=4, refine_steps=6,
-                 max_steps=8, disc_start=4, log_every=2, ckpt_every=4, eval_images=32, psnr_images=8,
-                 lpc_images=4, num_workers=0, compile=False, out_dir="out/tiny", latents="out/tiny/latents"),
+    "tiny": dict(image_size=32, synthetic_size=2048, batch_size=8, refine_steps=100, max_steps=500,
+                 disc_start=250, log_every=50, ckpt_every=250, eval_images=256, psnr_images=32, lpc_images=16,
+                 num_workers=0, compile=False, out_dir="out/tiny", latents="out/tiny/latents"),
 }
 
 # -----------------------------------------------------------------------------
@@ -625,6 +625,12 @@ def ae_stage(cfg, d, log, refine_path):
     torch.manual_seed(cfg.seed)  # the same initial weights (and tiny random LPIPS) on every rank and every run
     lpips_net = losses.LPIPS(pretrained=not tiny).to(d.device)
     pae = new_pae(cfg, d)
+    made_for = (refine_ckpt["config"].get("vfm"), refine_ckpt["config"].get("preset") == "tiny",
+                refine_ckpt["refiner_args"].get("vfm_width"))
+    if made_for != (cfg.vfm, tiny, pae.vfm.width):
+        fail(f"{refine_path} was trained for VFM {made_for[0]!r} (preset {refine_ckpt['config'].get('preset')}), "
+             f"but this run uses {cfg.vfm!r} (preset {cfg.preset}); run --stage refine for it or pass the matching "
+             f"--refine_ckpt")
     disc = M.PatchDiscriminator().to(d.device)
     ema = copy.deepcopy(pae).requires_grad_(False).eval()
     opt = make_optimizer(cfg, pae.trainable_parameters(), d.device)
@@ -645,7 +651,7 @@ def ae_stage(cfg, d, log, refine_path):
                    mcr=cfg.mcr_weight, scr=cfg.scr_weight)
 
     def generator_loss(pae_module, images, gan_on):
-        out = pae_module(images, thetas_deg=THETAS)  # one forward: encode, decode, decodings of rotated latents
+        out = pae_module(images, thetas_deg=THETAS if cfg.mcr_weight else ())  # encode, decode, rotated decodes
         total, parts = losses.pae_loss(out, images, lpips_net, refiner, disc if gan_on else None, **weights,
                                        upsample=cfg.upsample, lowpass=cfg.lowpass)
         return total, parts, out["recon"]
@@ -657,8 +663,8 @@ def ae_stage(cfg, d, log, refine_path):
     disc_train = wrap(cfg, d, LossModule(disc_fn, disc=disc))
     _, micro, accum = batch_layout(cfg, d)
     dataset, held_out = make_dataset(cfg), make_dataset(cfg, held_out=True)
-    probe = torch.zeros(micro, 3, cfg.image_size, cfg.image_size, device=d.device)
-    flops = step_flops(lambda: generator_loss(pae, probe, False)[0].backward()) / micro
+    probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=d.device)  # one image: no memory spike
+    flops = step_flops(lambda: generator_loss(pae, probe, False)[0].backward())
     pae.zero_grad(set_to_none=True)
     n_params = sum(p.numel() for p in pae.trainable_parameters())
     log(f"ae: {n_params / 1e6:.2f}M trainable parameters, {flops / 1e9:.2f} GFLOP per image (generator, fwd+bwd) | "
@@ -735,10 +741,13 @@ def eval_stage(cfg, d, log, ae_path):
     dataset = make_dataset(cfg, held_out=True)
     torch.manual_seed(cfg.seed)  # tiny preset: the same random LPIPS on every rank
     lpips_net = losses.LPIPS(pretrained=cfg.preset != "tiny").to(d.device)
-    weights = cfg.fid_weights or ("random" if cfg.preset == "tiny" else None)
-    if weights == "random":
-        log("eval: random Inception weights (tiny preset without --fid_weights): the rFID only tests the plumbing")
-    inception = fid.load_inception(weights, device=d.device)
+    if cfg.fid_weights == "random":
+        log("eval: random Inception weights (--fid_weights random): the rFID only tests the plumbing")
+    try:
+        inception = fid.load_inception(cfg.fid_weights or None, device=d.device)
+    except SystemExit as e:  # no Inception weights: report everything else, and say how to get rFID
+        inception = None
+        log(f"eval: rFID skipped: {str(e).removeprefix('error: ')}")
     count = min(cfg.eval_images, len(dataset))
     log(f"eval: {ae_path} on {count} images of {dataset.name}")
     metrics = evaluate(cfg, d, pae, dataset, count, lpips_net, inception)
@@ -770,6 +779,8 @@ def main(argv=None):
     d.barrier()
     log = Logger(cfg.out_dir, d.master)
     log(json.dumps(asdict(cfg)))
+    if cfg.data == "synthetic" and cfg.preset != "tiny":
+        log("warning: training the paper-size PAE on the built-in synthetic images; pass --data DIR for ImageNet")
 
     # --- stages
     if cfg.stage == "":

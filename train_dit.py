@@ -1,4 +1,4 @@
-"""
+r"""
 Train LightningDiT with flow matching on a PAE latent cache (SPEC §7, §8).
 
 CPU smoke run:  python train_dit.py --preset tiny --latents out/tiny/latents
@@ -61,7 +61,7 @@ class Config:
 
 PRESETS = {
     "paper": {},
-    "tiny": dict(model="tiny/1", batch_size=32, max_steps=300, log_every=25, ckpt_every=100, compile=False,
+    "tiny": dict(model="tiny/1", batch_size=32, max_steps=2000, log_every=250, ckpt_every=1000, compile=False,
                  out_dir="out/tiny/dit", latents="out/tiny/latents"),
 }
 
