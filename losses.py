@@ -89,7 +89,7 @@ class LPIPS(nn.Module):
         except Exception as e:
             fail(f"VGG16 ImageNet weights for LPIPS could not be loaded ({type(e).__name__}); download "
                  f"torchvision's vgg16-397923af.pth once into the torch hub cache (~/.cache/torch/hub/checkpoints) "
-                 f"or pass its path as the VGG weights")
+                 f"or pass its path with --lpips_vgg_weights")
         return {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
 
     @staticmethod
@@ -99,7 +99,8 @@ class LPIPS(nn.Module):
                      torch.hub.load_state_dict_from_url(LPIPS_LIN_URL, map_location="cpu", progress=False))
         except Exception as e:
             fail(f"LPIPS v0.1 linear weights could not be loaded ({type(e).__name__}); download {LPIPS_LIN_URL} "
-                 f"once into the torch hub cache (~/.cache/torch/hub/checkpoints/vgg.pth) or pass its path")
+                 f"once into the torch hub cache (~/.cache/torch/hub/checkpoints/vgg.pth) or pass its path with "
+                 f"--lpips_lin_weights")
         return {f"{i}.weight": state[f"lin{i}.model.1.weight"] for i in range(5)}
 
     def features(self, images):

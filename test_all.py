@@ -2,9 +2,13 @@
 The whole test suite: CPU only, tiny configs.  Run:  python -m pytest -q test_all.py
 """
 
+import dataclasses
 import json
 import math
 import os
+import re
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -994,3 +998,67 @@ def test_torchrun_shards_and_gathers(tmp_path, inception):
     gathered = np.load(tmp_path / "ddp.npz")["pool"]
     single = fid.inception_features(inception, images, batch_size=1)["pool"].numpy()  # the ranks' batches of 1
     np.testing.assert_allclose(gathered, single, rtol=1e-5, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# README: the Quickstart runs as written, and every flag it mentions exists
+
+TORCHRUN_FLAGS = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_endpoint"}
+SCRIPTS = {"train_ae.py": train_ae.Config, "train_dit.py": train_dit.Config, "sample.py": sample.Config,
+           "fid.py": fid.Config}
+
+
+def _readme():
+    with open(os.path.join(REPO, "README.md")) as f:
+        return f.read()
+
+
+def test_readme_quickstart_pipeline(tmp_path):  # the suite's slowest test: the whole tiny pipeline on CPU
+    block = _readme().split("## Quickstart", 1)[1].split("```")[1].strip()
+    commands = [c.strip() for c in block.split("&&")]
+    assert "\n" not in block and commands[0] == "pip install -r requirements.txt"  # one line; CI installed already
+    for name in os.listdir(REPO):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(REPO, name), tmp_path)
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "hub")}  # no Inception weights, as on a fresh machine
+    logs = ""
+    for command in commands[1:]:
+        args = shlex.split(command)
+        assert args[0] == "python", command
+        proc = subprocess.run([sys.executable, *args[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, command + "\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+        logs += proc.stdout + proc.stderr
+    out = tmp_path / "out" / "tiny"
+    grids = sorted(out.glob("grid_*.png"))
+    for png in (grids[-1], out / "samples.png"):
+        with Image.open(png) as image:
+            image.verify()  # a complete, valid PNG
+        assert Image.open(png).size[0] > 100
+    with np.load(out / "samples.npz") as samples:
+        assert samples["arr_0"].shape == (64, 32, 32, 3) and samples["arr_0"].dtype == np.uint8
+        assert np.bincount(samples["labels"]).tolist() == [4] * 16  # class-balanced
+    metrics_line = [line for line in logs.splitlines() if line.startswith("eval: psnr")][-1]
+    metrics = {k: float(v) for k, v in (part.split() for part in metrics_line.removeprefix("eval: ").split(" | "))}
+    saved = json.loads((out / "eval.json").read_text())
+    assert {k: saved[k] for k in metrics} == pytest.approx(metrics, abs=1e-4)  # the line and eval.json agree
+    assert 10 < metrics["psnr"] < 60 and 0 <= metrics["gsq"] <= 1 and metrics["lpc"] >= 0
+    assert "rFID skipped" in logs and "--weights" in logs  # says how to get the Inception weights
+
+
+def test_readme_flags_exist_in_their_scripts():
+    """Each --flag after `X.py` on a command line, or in X.py's own section, must be a field of X's Config."""
+    fields = {script: {f.name for f in dataclasses.fields(cfg)} for script, cfg in SCRIPTS.items()}
+    section, checked = None, 0
+    for line in _readme().splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip() if line[3:].strip() in SCRIPTS else None
+        for segment in line.split("&&"):
+            named = [(segment.index(s), s) for s in SCRIPTS if s in segment]
+            script = min(named)[1] if named else section
+            text = segment[min(named)[0]:] if named else segment
+            for flag in re.findall(r"(?<![\w-])--([a-z_0-9]+)", text):
+                allowed = fields[script] if script else set().union(*fields.values())
+                assert flag in allowed | TORCHRUN_FLAGS, f"README mentions --{flag} for {script or 'a script'}: {line}"
+                checked += 1
+    assert checked > 40  # the README really was read

@@ -88,6 +88,8 @@ class Config:
     eval_images: int = 50_000  # stage eval: held-out images for PSNR / rFID (all of them if fewer)
     psnr_images: int = 1000  # held-out images for the periodic PSNR of stage ae
     lpc_images: int = 1000  # stage eval: images for the LPC diagnostic (SPEC §13)
+    lpips_vgg_weights: str = ""  # local torchvision vgg16-397923af.pth; "" = torch hub cache (tiny: random VGG)
+    lpips_lin_weights: str = ""  # local LPIPS v0.1 vgg.pth (linear layers); "" = torch hub cache
     fid_weights: str = ""  # Inception weight file for rFID; "" = torch hub cache (no weights: rFID skipped)
     num_workers: int = 8  # data-loader processes per rank
     seed: int = 0
@@ -99,8 +101,8 @@ class Config:
 
 PRESETS = {
     "paper": {},
-    "tiny": dict(image_size=32, synthetic_size=2048, batch_size=8, refine_steps=100, max_steps=500,
-                 disc_start=250, log_every=50, ckpt_every=250, eval_images=256, psnr_images=32, lpc_images=16,
+    "tiny": dict(image_size=32, synthetic_size=2048, batch_size=8, refine_steps=100, max_steps=500, lr=1e-3,
+                 disc_start=400, log_every=50, ckpt_every=250, eval_images=256, psnr_images=32, lpc_images=16,
                  num_workers=0, compile=False, out_dir="out/tiny", latents="out/tiny/latents"),
 }
 
@@ -557,8 +559,8 @@ def evaluate(cfg, d, pae, dataset, count, lpips_net=None, inception=None):
     was_training = pae.training
     pae.eval()
     i = lo
-    for images, y, _ in tqdm(shard_loader(cfg, dataset, lo, hi, batch), disable=not d.master, desc="eval",
-                             unit="batch", dynamic_ncols=True, leave=False):
+    for images, y, _ in tqdm(shard_loader(cfg, dataset, lo, hi, batch), disable=not (d.master and lpips_net is not None),
+                             desc="eval", unit="batch", dynamic_ncols=True, leave=False):  # no bar mid-training
         x = to_images01(images, d.device)
         with autocast(d.device):
             latent = pae.encode(x)
@@ -611,6 +613,12 @@ def gsq(d, pooled, labels, seed, classes_per_draw=100, draws=5):
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def make_lpips(cfg):
+    """LPIPS with the pretrained VGG16 and v0.1 linear layers; the tiny preset uses a random VGG unless files are given."""
+    return losses.LPIPS(pretrained=cfg.preset != "tiny", vgg_weights=cfg.lpips_vgg_weights or None,
+                        lin_weights=cfg.lpips_lin_weights or None)
+
+
 # -----------------------------------------------------------------------------
 # stage ae: the PAE tokenizer with all losses of SPEC §5 and the recipe of SPEC §6
 
@@ -623,7 +631,7 @@ def ae_stage(cfg, d, log, refine_path):
     refiner.load_state_dict(refine_ckpt["model"])
     refiner = refiner.to(d.device).requires_grad_(False).eval()  # P_t supplies the SSR/SCR targets, frozen
     torch.manual_seed(cfg.seed)  # the same initial weights (and tiny random LPIPS) on every rank and every run
-    lpips_net = losses.LPIPS(pretrained=not tiny).to(d.device)
+    lpips_net = make_lpips(cfg).to(d.device)
     pae = new_pae(cfg, d)
     made_for = (refine_ckpt["config"].get("vfm"), refine_ckpt["config"].get("preset") == "tiny",
                 refine_ckpt["refiner_args"].get("vfm_width"))
@@ -632,7 +640,9 @@ def ae_stage(cfg, d, log, refine_path):
              f"but this run uses {cfg.vfm!r} (preset {cfg.preset}); run --stage refine for it or pass the matching "
              f"--refine_ckpt")
     disc = M.PatchDiscriminator().to(d.device)
+    vfm, pae.vfm = pae.vfm, None  # the EMA shares the frozen VFM instead of holding a second copy
     ema = copy.deepcopy(pae).requires_grad_(False).eval()
+    pae.vfm = ema.vfm = vfm
     opt = make_optimizer(cfg, pae.trainable_parameters(), d.device)
     disc_opt = make_optimizer(cfg, disc.parameters(), d.device)
     step = 0
@@ -740,7 +750,7 @@ def eval_stage(cfg, d, log, ae_path):
     cfg.image_size = pae.image_size  # images are cropped to the size the tokenizer was trained at
     dataset = make_dataset(cfg, held_out=True)
     torch.manual_seed(cfg.seed)  # tiny preset: the same random LPIPS on every rank
-    lpips_net = losses.LPIPS(pretrained=cfg.preset != "tiny").to(d.device)
+    lpips_net = make_lpips(cfg).to(d.device)
     if cfg.fid_weights == "random":
         log("eval: random Inception weights (--fid_weights random): the rFID only tests the plumbing")
     try:
