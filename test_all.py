@@ -1031,7 +1031,7 @@ def test_readme_quickstart_pipeline(tmp_path):  # the suite's slowest test: the 
         logs += proc.stdout + proc.stderr
     out = tmp_path / "out" / "tiny"
     grids = sorted(out.glob("grid_*.png"))
-    for png in (grids[-1], out / "samples.png"):
+    for png in (grids[-1], out / "samples.png", out / "dit" / "samples_0002000.png"):
         with Image.open(png) as image:
             image.verify()  # a complete, valid PNG
         assert Image.open(png).size[0] > 100

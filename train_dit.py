@@ -22,10 +22,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.utils import save_image
 
+import sample
 from losses import flow_matching_loss, sample_timesteps
 from model import (Dist, Logger, autocast, build_dit, count_flops, ema_update, fail, format_duration,
-                   load_checkpoint, parse_config, peak_flops, save_checkpoint, save_config)
+                   load_checkpoint, pae_from_checkpoint, parse_config, peak_flops, save_checkpoint, save_config)
 
 # -----------------------------------------------------------------------------
 # config
@@ -53,6 +55,7 @@ class Config:
     seed: int = 0
     log_every: int = 100  # steps
     ckpt_every: int = 5000  # steps; a checkpoint is also written at the end
+    sample_every: int = 10_000  # steps; PNG grid of EMA samples (sample.py's 80ep settings) via the cache's AE; 0 = off
     resume: bool = False  # continue from out_dir/ckpt.pt
     compile: bool = True  # torch.compile the model
     bench: bool = False  # time bench_steps steps on random latents (no cache needed), compile off and on
@@ -62,7 +65,7 @@ class Config:
 PRESETS = {
     "paper": {},
     "tiny": dict(model="tiny/1", batch_size=32, max_steps=2000, lr=1e-3, ema_decay=0.99, log_every=250,
-                 ckpt_every=1000, compile=False,  # EMA 0.9999 would still be 82% the initial model after 2000 steps
+                 ckpt_every=1000, sample_every=1000, compile=False,  # EMA 0.9999 would still be 82% the initial model after 2000 steps
                  out_dir="out/tiny/dit", latents="out/tiny/latents"),
 }
 
@@ -201,6 +204,25 @@ def bench(cfg, d):
         del model, raw, opt
 
 
+@torch.no_grad()
+def sample_grid(cfg, ema, data, step, device, log):
+    """8 classes x 8 EMA samples with sample.py's default settings, decoded by the AE named in meta.json."""
+    ae_path = data.meta.get("ae_ckpt", "")
+    if not os.path.isfile(ae_path):
+        return log(f"step {step}: no sample grid, the AE checkpoint {ae_path!r} named in meta.json does not exist")
+    pae = pae_from_checkpoint(ae_path, device, decode_only=True)
+    settings = sample.parse_config(sample.Config, [], sample.PRESETS)
+    classes = np.linspace(0, data.num_classes - 1, 8).round().astype(int)
+    labels = np.repeat(classes, 8).tolist()
+    with autocast(device):
+        latents = sample.sample_latents(ema, list(range(64)), labels, (data.channels, data.size, data.size),
+                                        settings, data.num_classes, device)
+    images = pae.decode(latents.float() * data.std.to(device) + data.mean.to(device))
+    path = os.path.join(cfg.out_dir, f"samples_{step:07d}.png")
+    save_image(images.float().clamp(0, 1), path, nrow=8)
+    log(f"step {step}: sample grid {path} (rows: classes {classes.tolist()})")
+
+
 # -----------------------------------------------------------------------------
 # main
 
@@ -319,6 +341,10 @@ def main(argv=None):
             n_logged = 0
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             save(step)
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            if d.master:
+                sample_grid(cfg, ema, data, step, d.device, log)
+            d.barrier()
 
     # --- teardown
     log(f"done: {step} steps, checkpoint {ckpt_path}")
