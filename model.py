@@ -639,9 +639,10 @@ def parse_config(cls, argv=None, presets=None):
     return cls(**values)
 
 
-def save_config(cfg, out_dir):
+def save_config(cfg, out_dir, name="config.json"):
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, "config.json"), lambda f: f.write(json.dumps(dataclasses.asdict(cfg), indent=2).encode()))
+    text = json.dumps(dataclasses.asdict(cfg), indent=2).encode()
+    atomic_write(os.path.join(out_dir, name), lambda f: f.write(text))
 
 
 class Dist:

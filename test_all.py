@@ -561,6 +561,14 @@ def test_eval_stage_reports_psnr_rfid_lpc_gsq(pipeline):
     assert 0 < saved["psnr"] < 60 and saved["rfid"] >= 0 and saved["lpc"] > 0 and 0 <= saved["gsq"] <= 1
 
 
+def test_mistaken_rerun_changes_nothing(tmp_path):
+    train_ae.main([*FAST, "--stage", "refine", "--refine_steps", "1", "--out_dir", str(tmp_path)])
+    before = {name: (tmp_path / name).read_bytes() for name in ("config.json", "ckpt_refine.pt", "refine.pt")}
+    with pytest.raises(SystemExit, match="already exists; pass --resume"):
+        train_ae.main([*FAST, "--refine_steps", "3", "--out_dir", str(tmp_path)])  # the pipeline, no --resume
+    assert before == {name: (tmp_path / name).read_bytes() for name in before}
+
+
 def test_ae_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     train_ae.main([*FAST, "--stage", "refine", "--out_dir", str(tmp_path / "r"), "--refine_steps", "1"])
     args = [*FAST, "--stage", "ae", "--refine_ckpt", str(tmp_path / "r" / "refine.pt"), "--max_steps", "3",

@@ -780,12 +780,18 @@ def main(argv=None):
         fail(f"unknown upsample {cfg.upsample!r}; valid values: bilateral, bilinear")
     cfg.latents = os.path.abspath(cfg.latents)
 
+    plan = [cfg.stage] if cfg.stage else (["ae"] if cfg.refine_ckpt else ["refine", "ae"]) + ["encode"]
+    for stage in ("refine", "ae"):  # checked before anything is written, so a mistaken rerun changes nothing
+        path = os.path.join(cfg.out_dir, f"ckpt_{stage}.pt")
+        if stage in plan and not cfg.resume and os.path.isfile(path):
+            fail(f"{path} already exists; pass --resume to continue that run or choose another --out_dir")
+
     # --- setup
     d = Dist()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    if d.master:
-        save_config(cfg, cfg.out_dir)
+    if d.master:  # encode and eval keep the training run's config.json
+        save_config(cfg, cfg.out_dir, "config.json" if {"refine", "ae"} & set(plan) else f"config_{cfg.stage}.json")
     d.barrier()
     log = Logger(cfg.out_dir, d.master)
     log(json.dumps(asdict(cfg)))
@@ -794,11 +800,8 @@ def main(argv=None):
 
     # --- stages
     if cfg.stage == "":
-        plan = (["ae"] if cfg.refine_ckpt else ["refine", "ae"]) + ["encode"]
         log(f"no --stage given: running {' -> '.join(plan)}" + (f" (P_t from --refine_ckpt {cfg.refine_ckpt})"
                                                                  if cfg.refine_ckpt else ""))
-    else:
-        plan = [cfg.stage]
     refine_path = cfg.refine_ckpt or os.path.join(cfg.out_dir, "refine.pt")
     ae_path = os.path.abspath(cfg.ae_ckpt or os.path.join(cfg.out_dir, "ae.pt"))
     for stage in plan:
