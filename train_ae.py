@@ -440,18 +440,24 @@ def new_pae(cfg, d):
                        vfm_weights=cfg.vfm_weights or None, image_size=cfg.image_size).to(d.device)
 
 
-def start_or_resume(cfg, d, log, path, kind):
-    """The checkpoint to continue from (None for a fresh start). Without --resume an existing one is an error,
-    so a finished or running stage is never overwritten by accident."""
+def start_or_resume(cfg, log, path, kind, arch_key, arch, states):
+    """Step to start from: 0 for a fresh start, else the checkpoint's, with `states` ({checkpoint key: module or
+    optimizer}) restored. Without --resume an existing checkpoint is an error, so a finished or running stage is
+    never overwritten by accident."""
     if not os.path.isfile(path):
         if cfg.resume:
             log(f"--resume: {path} does not exist yet, so this stage starts from step 0")
-        return None
+        return 0
     if not cfg.resume:
         fail(f"{path} already exists; pass --resume to continue that run or choose another --out_dir")
     ckpt = load_checkpoint(path, kind)
+    if ckpt[arch_key] != arch:
+        fail(f"{path} holds a model built as {ckpt[arch_key]}, but this run builds {arch}; use the same "
+             f"--preset/--vfm/--decoder/--image_size or another --out_dir")
+    for key, state in states.items():
+        state.load_state_dict(ckpt[key])
     log(f"resuming from {path} at step {ckpt['step']}")
-    return ckpt
+    return ckpt["step"]
 
 # -----------------------------------------------------------------------------
 # stage refine: P_t / Q_t on frozen VFM features (SPEC §4.6)
@@ -464,15 +470,8 @@ def refine_stage(cfg, d, log):
     probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=d.device)
     refiner = M.build_refiner(vfm(probe).shape[-1], preset="tiny" if cfg.preset == "tiny" else None).to(d.device)
     opt = make_optimizer(cfg, refiner.parameters(), d.device)
-    step = 0
-    ckpt = start_or_resume(cfg, d, log, ckpt_path, "refine")
-    if ckpt is not None:
-        if ckpt["refiner_args"] != refiner.refiner_args:
-            fail(f"{ckpt_path} holds a refiner {ckpt['refiner_args']}, but this run builds {refiner.refiner_args}; "
-                 f"use the same --preset/--vfm or another --out_dir")
-        refiner.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
+    step = start_or_resume(cfg, log, ckpt_path, "refine", "refiner_args", refiner.refiner_args,
+                           {"model": refiner, "opt": opt})
 
     def refine_fn(images):
         with torch.no_grad():
@@ -645,18 +644,8 @@ def ae_stage(cfg, d, log, refine_path):
     pae.vfm = ema.vfm = vfm
     opt = make_optimizer(cfg, pae.trainable_parameters(), d.device)
     disc_opt = make_optimizer(cfg, disc.parameters(), d.device)
-    step = 0
-    ckpt = start_or_resume(cfg, d, log, ckpt_path, "pae")
-    if ckpt is not None:
-        if ckpt["pae_args"] != pae.pae_args:
-            fail(f"{ckpt_path} holds a PAE {ckpt['pae_args']}, but this run builds {pae.pae_args}; use the same "
-                 f"--preset/--vfm/--decoder/--image_size or another --out_dir")
-        pae.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        disc.load_state_dict(ckpt["disc"])
-        disc_opt.load_state_dict(ckpt["disc_opt"])
-        step = ckpt["step"]
+    step = start_or_resume(cfg, log, ckpt_path, "pae", "pae_args", pae.pae_args,
+                           {"model": pae, "ema": ema, "opt": opt, "disc": disc, "disc_opt": disc_opt})
     weights = dict(l1=cfg.l1_weight, lpips=cfg.lpips_weight, gan=cfg.gan_weight, ssr=cfg.ssr_weight,
                    mcr=cfg.mcr_weight, scr=cfg.scr_weight)
 
