@@ -679,6 +679,24 @@ class Dist:
             dist.destroy_process_group()
 
 
+def batch_layout(cfg, d):
+    """(per-rank batch, micro-batch, accumulation steps) from cfg.batch_size (global) and cfg.micro_batch_size."""
+    per_rank, rem = divmod(cfg.batch_size, d.world_size)
+    micro = cfg.micro_batch_size or per_rank
+    if rem or per_rank == 0 or per_rank % micro:
+        fail(f"batch_size {cfg.batch_size} is not divisible by world size {d.world_size} x micro_batch_size "
+             f"{micro}; choose a batch_size that is")
+    return per_rank, micro, per_rank // micro
+
+
+def make_optimizer(cfg, params, device):
+    """AdamW (fused on GPU) with cfg.lr, betas and weight decay on >=2-D weights only."""
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=device.type == "cuda")
+
+
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)

@@ -40,8 +40,8 @@ from tqdm import tqdm
 import fid
 import losses
 import model as M
-from model import (Dist, Logger, autocast, count_flops, ema_update, fail, format_duration, load_checkpoint,
-                   parse_config, peak_flops, save_checkpoint, save_config)
+from model import (Dist, Logger, autocast, batch_layout, count_flops, ema_update, fail, format_duration,
+                   load_checkpoint, make_optimizer, parse_config, peak_flops, save_checkpoint, save_config)
 
 # -----------------------------------------------------------------------------
 # config
@@ -334,14 +334,6 @@ def wrap(cfg, d, module):
     return module
 
 
-def make_optimizer(cfg, params, device):
-    """AdamW with weight decay on >=2-D weights only."""
-    params = [p for p in params if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=device.type == "cuda")
-
-
 def get_lr(cfg, step, total_steps):
     """Linear warm-up over the first `warmup` fraction of the steps, then cosine down to lr * min_lr_ratio."""
     warmup = max(1, round(cfg.warmup * total_steps))
@@ -349,16 +341,6 @@ def get_lr(cfg, step, total_steps):
         return cfg.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def batch_layout(cfg, d):
-    """(per-rank batch, micro-batch, accumulation steps) from the global batch; fails if it does not divide."""
-    per_rank, rem = divmod(cfg.batch_size, d.world_size)
-    micro = cfg.micro_batch_size or per_rank
-    if rem or per_rank == 0 or per_rank % micro:
-        fail(f"batch_size {cfg.batch_size} is not divisible by world size {d.world_size} x micro_batch_size "
-             f"{micro}; choose a batch_size that is")
-    return per_rank, micro, per_rank // micro
 
 
 def micro_batches(cfg, d, loader, step):

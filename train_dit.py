@@ -26,8 +26,9 @@ from torchvision.utils import save_image
 
 import sample
 from losses import flow_matching_loss, sample_timesteps
-from model import (Dist, Logger, autocast, build_dit, count_flops, ema_update, fail, format_duration,
-                   load_checkpoint, pae_from_checkpoint, parse_config, peak_flops, save_checkpoint, save_config)
+from model import (Dist, Logger, autocast, batch_layout, build_dit, count_flops, ema_update, fail, format_duration,
+                   load_checkpoint, make_optimizer, pae_from_checkpoint, parse_config, peak_flops, save_checkpoint,
+                   save_config)
 
 # -----------------------------------------------------------------------------
 # config
@@ -153,14 +154,6 @@ def train_step(cfg, model, raw_model, opt, micro_batches, device):
     return total, grad_norm
 
 
-def make_optimizer(cfg, model, device):
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             fused=device.type == "cuda")
-
-
 def flops_per_image(model, channels, size, num_classes, device):
     """Training FLOPs (forward + backward) of one image, counted once by FlopCounterMode."""
     x = torch.zeros(1, channels, size, size, device=device)
@@ -180,7 +173,7 @@ def bench(cfg, d):
                         grad_ckpt=cfg.grad_ckpt).to(d.device)
         flops = flops_per_image(raw, channels, size, num_classes, d.device)
         model = torch.compile(raw) if compiled else raw
-        opt = make_optimizer(cfg, raw, d.device)
+        opt = make_optimizer(cfg, raw.parameters(), d.device)
         batch = [(torch.randn(micro, channels, size, size, device=d.device), torch.rand(micro, device=d.device),
                   torch.randint(0, num_classes, (micro,), device=d.device),
                   torch.randn(micro, channels, size, size, device=d.device))]
@@ -237,12 +230,7 @@ def main(argv=None):
     if cfg.bench:
         bench(cfg, d)
         return d.teardown()
-    per_rank, rem = divmod(cfg.batch_size, d.world_size)
-    micro = cfg.micro_batch_size or per_rank
-    if rem or per_rank % micro:
-        fail(f"batch_size {cfg.batch_size} is not divisible by world size {d.world_size} x micro_batch_size "
-             f"{micro}; choose a batch_size that is")
-    accum = per_rank // micro
+    per_rank, micro, accum = batch_layout(cfg, d)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume and not os.path.isfile(ckpt_path):
         fail(f"--resume was given but {ckpt_path} does not exist; drop --resume to start a new run")
@@ -261,7 +249,7 @@ def main(argv=None):
     raw_model = build_dit(cfg.model, data.channels, data.size, num_classes=data.num_classes, qk_norm=cfg.qk_norm,
                           grad_ckpt=cfg.grad_ckpt).to(d.device)
     # --- optimizer
-    opt = make_optimizer(cfg, raw_model, d.device)
+    opt = make_optimizer(cfg, raw_model.parameters(), d.device)
 
     # --- resume
     step = 0
