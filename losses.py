@@ -5,7 +5,7 @@ Sections (each marked with a banner):
   1. flow matching       (SPEC §8)   timestep sampling and the velocity loss of the DiT
   2. LPIPS               (SPEC §5)   VGG16 + the v0.1 linear calibration layers
   3. tokenizer losses    (SPEC §5)   GAN, SSR, MCR, SCR, the total PAE loss; the refine-stage loss (SPEC §4.6)
-  4. diagnostics         (SPEC §13)  LPC and GSQ of a latent space
+  4. diagnostics         (SPEC §13)  LPC and GSQ of a latent space, SSIM of reconstructions
 """
 
 import math
@@ -211,6 +211,24 @@ def lpc(decode, latent, lpips_net, rhos=(0.1, 0.5, 1.0, 2.0), generator=None):
         shifted = decode(torch.cat([latent + rho * z_norm * u, latent - rho * z_norm * u])) * 2 - 1
         score = score + w * lpips_net(shifted, torch.cat([clean, clean])).view(2, B).mean(0)
     return score
+
+
+@torch.no_grad()
+def ssim(x, y, window=11, sigma=1.5):
+    """SSIM (Wang et al. 2004) per image (B,) of images in [0, 1]: Gaussian window of 11 taps with sigma 1.5,
+    C1 = 0.01^2, C2 = 0.03^2, population (co)variances, averaged over the valid region and the channels; equal to
+    skimage's structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)."""
+    x, y = x.float(), y.float()
+    taps = torch.arange(window, device=x.device, dtype=torch.float32) - window // 2
+    g = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(x.shape[1], 1, window, window)
+    blur = lambda t: F.conv2d(t, kernel, groups=x.shape[1])  # noqa: E731
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.mean((1, 2, 3))
 
 
 @torch.no_grad()

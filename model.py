@@ -6,7 +6,8 @@ Sections (each marked with a banner):
   2. PAE tokenizer       (SPEC §4)    frozen VFM, DAM, spherical latent, ViT decoder, build_pae
   3. prior refinement    (SPEC §4.6)  P_t, Q_t and the structural target H_ref
   4. PatchGAN            (SPEC §5)    the discriminator of the GAN loss
-  5. shared plumbing                  config parsing, dist setup/teardown, print0, checkpoints, FLOPs
+  5. released checkpoints             the authors' PAE and DiT files, converted in memory by load_checkpoint
+  6. shared plumbing                  config parsing, dist setup/teardown, print0, checkpoints, FLOPs
 """
 
 import argparse
@@ -15,6 +16,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 from contextlib import nullcontext
 
@@ -29,7 +31,9 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 
 def sincos_2d(dim, grid):
-    """Fixed 2-D sin-cos position embedding, (grid*grid, dim): first half rows, second half columns."""
+    """Fixed 2-D sin-cos position embedding (grid*grid, dim), rows in raster order: the first half codes the column,
+    the second half the row, each as [sin | cos] with frequencies 1/10000^(i/(dim/4)) (the released MAE-style
+    tables of LightningDiT, the DAM and the decoder)."""
     assert dim % 4 == 0, "sin-cos embedding width must be divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     pos = torch.arange(grid, dtype=torch.float64)
@@ -39,7 +43,7 @@ def sincos_2d(dim, grid):
         angles = p.reshape(-1, 1) * omega
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-    return torch.cat([embed(rows), embed(cols)], dim=1).float()
+    return torch.cat([embed(cols), embed(rows)], dim=1).float()
 
 
 def rope_2d(head_dim, grid):
@@ -167,7 +171,7 @@ class LightningDiT(nn.Module):
         """x: (B, C, H, W) latents, t: (B,) flow time in [0, 1] (1 = data), y: (B,) labels (num_classes = null)."""
         B, C, H, W = x.shape
         h = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
-        c = self.t_embed(timestep_embedding(t)) + self.y_embed(y)  # (B, D)
+        c = self.t_embed(timestep_embedding(t).to(x.dtype)) + self.y_embed(y)  # (B, D)
         rope = (self.rope_cos, self.rope_sin)
         for block in self.blocks:
             if self.grad_ckpt and self.training:
@@ -205,7 +209,7 @@ VFM_PRESETS = {  # name: (timm model, input px), SPEC §4.1; grid = input / patc
     "dinov3": ("vit_large_patch16_dinov3.lvd1689m", 256),
     "siglip2": ("vit_so400m_patch16_siglip_256.v2_webli", 256),
     "mae": ("vit_large_patch16_224.mae", 256),
-    "tiny": (None, 32),  # random 2-layer ViT, patch 4, width 64: CPU tests and smoke runs only
+    "tiny": (None, 32),  # random DINOv2-style ViT (4 registers, layer scale), 2 layers, patch 4, width 64: CPU only
 }
 DECODER_PRESETS = {  # name: (width, depth, heads, mlp), SPEC §4.4
     "tiny": (64, 2, 4, 256), "B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096), "XL": (1152, 28, 16, 4096),
@@ -229,18 +233,21 @@ def mcr_rotate(latent, thetas_deg):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with qkv bias: self-attention, or cross-attention to `context` when given."""
+    """Multi-head attention: self-attention, or cross-attention to `context` when given. Separate q, k, v
+    projections (with or without bias) so the released fused and unfused layouts both map onto it."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, qkv_bias=True):
         super().__init__()
         self.heads = heads
-        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=qkv_bias) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, context=None):
         context = x if context is None else context
         B, N, D = x.shape
         q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, h, N, hd)
-        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        k = self.k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        v = self.v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
 
 
@@ -251,10 +258,10 @@ def mlp(dim, hidden):
 class ViTBlock(nn.Module):
     """Pre-norm ViT block (decoder, Q_t, P_t)."""
 
-    def __init__(self, dim, heads, hidden):
+    def __init__(self, dim, heads, hidden, eps=1e-6):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), mlp(dim, hidden)
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), mlp(dim, hidden)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -262,7 +269,7 @@ class ViTBlock(nn.Module):
 
 
 def init_vit(module):
-    """MAE-style init: xavier-uniform linears (and patch convs, flattened), zero biases."""
+    """MAE-style init of the prior-refinement nets: xavier-uniform linears (and convs, flattened), zero biases."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
@@ -282,8 +289,9 @@ class VFM(nn.Module):
         if name == "tiny":
             with torch.random.fork_rng(devices=[]):  # fixed seed: the same random VFM in every process and run
                 torch.manual_seed(0)
-                net = timm.models.vision_transformer.VisionTransformer(
-                    img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=0)
+                net = timm.models.vision_transformer.VisionTransformer(  # the layout of timm's *_reg4_dinov2
+                    img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=0, reg_tokens=4,
+                    no_embed_class=True, init_values=1.0)
             mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
             print0("VFM: tiny random ViT (2 layers, width 64), no pretrained weights: for CPU tests only")
         else:
@@ -315,8 +323,7 @@ class VFM(nn.Module):
     def preprocess(self, images01):
         """Bicubic resize to the VFM input size, then the VFM's own mean/std normalisation."""
         if images01.shape[-1] != self.input_size or images01.shape[-2] != self.input_size:
-            images01 = F.interpolate(images01, size=self.input_size, mode="bicubic", align_corners=False,
-                                     antialias=True)
+            images01 = F.interpolate(images01, size=self.input_size, mode="bicubic", align_corners=False)  # as released
         return (images01 - self.mean) / self.std
 
     @torch.no_grad()
@@ -326,12 +333,15 @@ class VFM(nn.Module):
 
 
 class DAMBlock(nn.Module):
+    """Pre-norm: self-attention over pixel tokens, cross-attention to the VFM tokens, MLP. PyTorch's LayerNorm
+    defaults (eps 1e-5), as released."""
+
     def __init__(self, dim, heads):
         super().__init__()
-        self.norm1, self.self_attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
-        self.norm2, self.cross_attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
-        self.norm_vfm = nn.LayerNorm(dim, eps=1e-6)  # keys/values = LayerNorm of the VFM tokens
-        self.norm3, self.mlp = nn.LayerNorm(dim, eps=1e-6), mlp(dim, 4 * dim)
+        self.norm1, self.self_attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.cross_attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm_vfm = nn.LayerNorm(dim)  # keys/values = LayerNorm of the VFM tokens
+        self.norm3, self.mlp = nn.LayerNorm(dim), mlp(dim, 4 * dim)
 
     def forward(self, x, vfm_tokens):
         x = x + self.self_attn(self.norm1(x))
@@ -340,16 +350,16 @@ class DAMBlock(nn.Module):
 
 
 class DAM(nn.Module):
-    """Detail-Aware Modulator (SPEC §4.2): pixel tokens attend to the VFM tokens; SFT fusion, zero at init."""
+    """Detail-Aware Modulator (SPEC §4.2): pixel tokens attend to the VFM tokens; SFT fusion, zero at init.
+    Module initialisation is PyTorch's default, as released, except the zero SFT head and the fixed table."""
 
     def __init__(self, width, heads, patch, grid, depth=6):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
         self.pos_embed = nn.Parameter(sincos_2d(width, grid)[None], requires_grad=False)
         self.blocks = nn.ModuleList([DAMBlock(width, heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.sft = nn.Linear(width, 2 * width)
-        init_vit(self)
+        self.sft = nn.Linear(width, 2 * width)  # on the block output directly, no norm before it (as released)
+        self.norm = nn.LayerNorm(width)  # H_z = LayerNorm(H_vfm * (1 + gamma) + beta), affine
         nn.init.zeros_(self.sft.weight)  # gamma = beta = 0 at init, so H_z = LayerNorm(H_vfm)
         nn.init.zeros_(self.sft.bias)
 
@@ -357,18 +367,17 @@ class DAM(nn.Module):
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, W)
         for block in self.blocks:
             x = block(x, vfm_tokens)
-        gamma, beta = self.sft(self.norm(x)).chunk(2, dim=-1)
-        return F.layer_norm(vfm_tokens * (1 + gamma) + beta, vfm_tokens.shape[-1:])  # H_z (B, N, W)
+        gamma, beta = self.sft(x).chunk(2, dim=-1)
+        return self.norm(vfm_tokens * (1 + gamma) + beta)  # H_z (B, N, W)
 
 
 class Projector(nn.Module):
-    """H_z (B, N, W) -> attention (no residual) -> 3x3 conv W -> 32 -> sphere: latent (B, 32, g, g)."""
+    """H_z (B, N, W) -> attention (no qkv bias, no residual) -> 3x3 conv W -> 32 -> sphere: latent (B, 32, g, g)."""
 
     def __init__(self, width, heads, grid):
         super().__init__()
-        self.grid, self.attn = grid, Attention(width, heads)
+        self.grid, self.attn = grid, Attention(width, heads, qkv_bias=False)
         self.conv = nn.Conv2d(width, LATENT_CHANNELS, 3, padding=1)
-        init_vit(self)
 
     def forward(self, h_z):
         x = self.attn(h_z).transpose(1, 2).unflatten(2, (self.grid, self.grid))  # (B, W, g, g)
@@ -376,19 +385,19 @@ class Projector(nn.Module):
 
 
 class Deprojector(nn.Module):
-    """latent (B, 32, g, g) -> 3x3 conv 32 -> W -> attention (no residual) -> decoder input tokens (B, N, W)."""
+    """latent (B, 32, g, g) -> 3x3 conv 32 -> W -> attention (no qkv bias, no residual) -> decoder tokens (B, N, W)."""
 
     def __init__(self, width, heads):
         super().__init__()
-        self.conv, self.attn = nn.Conv2d(LATENT_CHANNELS, width, 3, padding=1), Attention(width, heads)
-        init_vit(self)
+        self.conv, self.attn = nn.Conv2d(LATENT_CHANNELS, width, 3, padding=1), Attention(width, heads, qkv_bias=False)
 
     def forward(self, latent):
         return self.attn(self.conv(latent).flatten(2).transpose(1, 2))
 
 
 class ViTDecoder(nn.Module):
-    """RAE/MAE-style pixel decoder (SPEC §4.4): tokens (B, N, in_dim) -> VFM-normalised pixels (B, 3, g*p, g*p)."""
+    """RAE/MAE-style pixel decoder (SPEC §4.4): tokens (B, N, in_dim) -> VFM-normalised pixels (B, 3, g*p, g*p).
+    As released: class token starts at zero, LayerNorm eps 1e-12, PyTorch's default initialisation."""
 
     def __init__(self, in_dim, dim, depth, heads, hidden, grid, patch):
         super().__init__()
@@ -397,11 +406,9 @@ class ViTDecoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         pos = torch.cat([torch.zeros(1, dim), sincos_2d(dim, grid)])  # the class token gets position 0
         self.pos_embed = nn.Parameter(pos[None], requires_grad=False)
-        self.blocks = nn.ModuleList([ViTBlock(dim, heads, hidden) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.blocks = nn.ModuleList([ViTBlock(dim, heads, hidden, eps=1e-12) for _ in range(depth)])  # ViT-MAE eps
+        self.norm = nn.LayerNorm(dim, eps=1e-12)
         self.head = nn.Linear(dim, patch * patch * 3)
-        init_vit(self)
-        nn.init.normal_(self.cls_token, std=0.02)
 
     def forward(self, tokens):
         x = self.embed(tokens)
@@ -472,15 +479,19 @@ def build_pae(vfm="dinov2", decoder="L", pretrained=True, preset=None, vfm_weigh
 
 
 def pae_from_checkpoint(path, device="cpu", decode_only=False):
-    """PAE in eval mode from a 'pae' checkpoint: architecture from its pae_args, raw (non-EMA) weights as the
-    released code extracts latents with; the VFM is loaded from its pretrained source. decode_only=True skips
+    """PAE in eval mode from a 'pae' checkpoint (ours, or the authors' released file): architecture from its
+    pae_args, raw (non-EMA) weights as the released code extracts latents with. The VFM weights come from the
+    file when it carries them (a released file may), else from their pretrained source. decode_only=True skips
     the VFM weights, which decoding never uses (sample.py); such a PAE must not encode."""
     ckpt = load_checkpoint(path, "pae")
     if "pae_args" not in ckpt:
         fail(f"checkpoint {path} has no 'pae_args' entry; it was not written by train_ae.py --stage ae")
-    pae = build_pae(**ckpt["pae_args"], pretrained=not decode_only)
+    vfm_state = None if decode_only else ckpt.get("vfm")
+    pae = build_pae(**ckpt["pae_args"], pretrained=not decode_only and vfm_state is None)
     try:
         pae.load_state_dict(ckpt["model"])
+        if vfm_state is not None:
+            pae.vfm.net.load_state_dict(vfm_state)
     except RuntimeError as e:
         fail(f"checkpoint {path} does not match its recorded architecture {ckpt['pae_args']} ({e})")
     return pae.to(device).eval()
@@ -599,9 +610,239 @@ class PatchDiscriminator(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 5. shared plumbing: config parsing, dist setup/teardown, print0, checkpoints, FLOPs
+# 5. the authors' released checkpoints, recognised by load_checkpoint and converted in memory into our schema.
+# Released PAE file: {"model": state_dict} (DAM = delta_encoder, projector = latent_compressor, deprojector =
+# latent_decompressor, decoder = a ViT-MAE decoder; the VFM as encoder.* in Hugging Face's DINOv2 key names, when
+# present). Released DiT file: {"model", "ema", "opt", "config"} of LightningDiT; the latent mean/std live in a
+# separate latents_stats.pt. A rule's target containing "{q,k,v}" splits a fused tensor into three equal parts;
+# targets ending in "#q", "#k", "#v" are concatenated back into one fused tensor.
 
-CKPT_VERSION = 1
+_BLOCK = r"(\d+)\."
+RELEASED_PAE_RULES = [
+    (r"delta_encoder\.patch_embed\.proj\.(.+)", r"dam.patch_embed.\1"),
+    (r"delta_encoder\.pos_embed", "dam.pos_embed"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"self_attn\.qkv\.(.+)", r"dam.blocks.\1.self_attn.{q,k,v}.\2"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"(self|cross)_attn\.proj\.(.+)", r"dam.blocks.\1.\2_attn.proj.\3"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"cross_attn\.([qkv])_proj\.(.+)", r"dam.blocks.\1.cross_attn.\2.\3"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"(norm1|norm3)\.(.+)", r"dam.blocks.\1.\2.\3"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"norm2_q\.(.+)", r"dam.blocks.\1.norm2.\2"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"norm2_kv\.(.+)", r"dam.blocks.\1.norm_vfm.\2"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"mlp\.fc1\.(.+)", r"dam.blocks.\1.mlp.0.\2"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"mlp\.fc2\.(.+)", r"dam.blocks.\1.mlp.2.\2"),
+    (r"delta_encoder\.fusion_proj\.(.+)", r"dam.sft.\1"),
+    (r"delta_encoder\.final_ln\.(.+)", r"dam.norm.\1"),
+    (r"latent_compressor\.0\.qkv\.(.+)", r"projector.attn.{q,k,v}.\1"),
+    (r"latent_compressor\.0\.proj\.(.+)", r"projector.attn.proj.\1"),
+    (r"latent_compressor\.1\.(.+)", r"projector.conv.\1"),
+    (r"latent_decompressor\.0\.(.+)", r"deprojector.conv.\1"),
+    (r"latent_decompressor\.1\.qkv\.(.+)", r"deprojector.attn.{q,k,v}.\1"),
+    (r"latent_decompressor\.1\.proj\.(.+)", r"deprojector.attn.proj.\1"),
+    (r"decoder\.decoder_embed\.(.+)", r"decoder.embed.\1"),
+    (r"decoder\.decoder_pos_embed", "decoder.pos_embed"),
+    (r"decoder\.trainable_cls_token", "decoder.cls_token"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"layernorm_before\.(.+)", r"decoder.blocks.\1.norm1.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.attention\.query\.(.+)", r"decoder.blocks.\1.attn.q.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.attention\.key\.(.+)", r"decoder.blocks.\1.attn.k.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.attention\.value\.(.+)", r"decoder.blocks.\1.attn.v.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.output\.dense\.(.+)", r"decoder.blocks.\1.attn.proj.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"layernorm_after\.(.+)", r"decoder.blocks.\1.norm2.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"intermediate\.dense\.(.+)", r"decoder.blocks.\1.mlp.0.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"output\.dense\.(.+)", r"decoder.blocks.\1.mlp.2.\2"),
+    (r"decoder\.decoder_norm\.(.+)", r"decoder.norm.\1"),
+    (r"decoder\.decoder_pred\.(.+)", r"decoder.head.\1"),
+]
+RELEASED_DINOV2_RULES = [  # Hugging Face Dinov2WithRegistersModel (transformers 4 and 5 names) -> timm ViT
+    (r"embeddings\.patch_embeddings\.projection\.(.+)", r"patch_embed.proj.\1"),
+    (r"embeddings\.register_tokens", "reg_token"),
+    (r"encoder\.layer\." + _BLOCK + r"(norm1|norm2)\.(.+)", r"blocks.\1.\2.\3"),
+    (r"encoder\.layer\." + _BLOCK + r"attention\.(?:attention\.query|q_proj)\.(.+)", r"blocks.\1.attn.qkv.\2#q"),
+    (r"encoder\.layer\." + _BLOCK + r"attention\.(?:attention\.key|k_proj)\.(.+)", r"blocks.\1.attn.qkv.\2#k"),
+    (r"encoder\.layer\." + _BLOCK + r"attention\.(?:attention\.value|v_proj)\.(.+)", r"blocks.\1.attn.qkv.\2#v"),
+    (r"encoder\.layer\." + _BLOCK + r"attention\.(?:output\.dense|o_proj)\.(.+)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layer\." + _BLOCK + r"layer_scale([12])\.lambda1", r"blocks.\1.ls\2.gamma"),
+    (r"encoder\.layer\." + _BLOCK + r"mlp\.(fc1|fc2)\.(.+)", r"blocks.\1.mlp.\2.\3"),
+]
+RELEASED_DIT_RULES = [
+    (r"x_embedder\.proj\.(.+)", r"x_embed.\1"),
+    (r"pos_embed", "pos_embed"),
+    (r"t_embedder\.mlp\.([02])\.(.+)", r"t_embed.\1.\2"),
+    (r"y_embedder\.embedding_table\.weight", "y_embed.weight"),
+    (r"blocks\." + _BLOCK + r"(norm1|norm2)\.weight", r"blocks.\1.\2.weight"),
+    (r"blocks\." + _BLOCK + r"attn\.(qkv|proj|q_norm|k_norm)\.(.+)", r"blocks.\1.attn.\2.\3"),
+    (r"blocks\." + _BLOCK + r"mlp\.(w12|w3)\.(.+)", r"blocks.\1.ffn.\2.\3"),
+    (r"blocks\." + _BLOCK + r"adaLN_modulation\.1\.(.+)", r"blocks.\1.adaLN.1.\2"),
+    (r"final_layer\.norm_final\.weight", "final_norm.weight"),
+    (r"final_layer\.linear\.(.+)", r"final_linear.\1"),
+    (r"final_layer\.adaLN_modulation\.1\.(.+)", r"final_adaLN.1.\1"),
+    (r"feat_rope\.freqs_(cos|sin)", r"rope_\1"),  # fixed tables, checked against ours and not loaded
+]
+
+
+def _strip_wrappers(state):
+    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) key prefixes, as the release's loaders do."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def _convert(state, rules, path, what):
+    """Released state dict -> ours by the first matching rule per key, every tensor used exactly once.
+    -> (converted, {our key: the released key it came from})."""
+    out, origin = {}, {}
+    for key, value in state.items():
+        target = next((re.sub(p, r, key) for p, r in rules if re.fullmatch(p, key)), None)
+        if target is None:
+            fail(f"{path}: the released {what} holds a tensor {key!r} that no part of this model takes; it is "
+                 f"not the released architecture")
+        names = [target.replace("{q,k,v}", n) for n in "qkv"] if "{q,k,v}" in target else [target]
+        if len(names) > 1 and value.shape[0] % 3:
+            fail(f"{path}: the released {what} tensor {key!r} {tuple(value.shape)} is not a fused q/k/v projection")
+        for name, part in zip(names, value.chunk(len(names))):
+            if name in out:
+                fail(f"{path}: the released {what} tensors {origin[name]!r} and {key!r} fill the same weight")
+            out[name], origin[name] = part, key
+    for name in [n for n in out if n.endswith("#q")]:
+        parts = [name[:-1] + n for n in "qkv"]
+        if any(p not in out for p in parts):
+            fail(f"{path}: the released {what} lacks the key or value projection that goes with {origin[name]!r}")
+        out[name[:-2]], origin[name[:-2]] = torch.cat([out.pop(p) for p in parts]), origin[name]
+    return out, origin
+
+
+def _check_converted(converted, origin, expected, path, what):
+    """Strict: exactly our keys, with our shapes; else one sentence naming the first offending keys."""
+    missing = [k for k in expected if k not in converted]
+    extra = [origin[k] for k in converted if k not in expected]
+    wrong = [f"{origin[k]} {tuple(v.shape)} (needs {tuple(expected[k].shape)})" for k, v in converted.items()
+             if k in expected and v.shape != expected[k].shape]
+    if missing or extra or wrong:
+        problems = ([f"no tensor for our {', '.join(missing[:3])}"] if missing else []) + \
+                   ([f"unused tensors {', '.join(extra[:3])}"] if extra else []) + \
+                   ([f"wrong shapes {', '.join(wrong[:3])}"] if wrong else [])
+        fail(f"{path} does not convert into the released {what} architecture: {'; '.join(problems)}")
+
+
+def _release_format(ckpt):
+    """'pae' or 'dit' for a dict in one of the authors' released file formats, else None."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        return None
+    keys = _strip_wrappers(ckpt["model"])
+    if any(k.startswith("latent_compressor.") for k in keys):
+        return "pae"
+    if any(k.startswith("x_embedder.") for k in keys):
+        return "dit"
+    return None
+
+
+def convert_released_dinov2(state, vfm, path="the released file"):
+    """Hugging Face Dinov2WithRegistersModel weights (transformers 4 or 5 key names) -> the state dict of our
+    timm VFM `vfm` (built, e.g. on meta), so both compute the same patch tokens. HF adds position row 0 to the
+    class token and resamples the 37x37 patch rows to the token grid at run time (bicubic, antialias, fp32); timm
+    holds patch rows only, computed here once the same way. The mask token is HF-only and unused."""
+    state = {k: v for k, v in state.items() if k != "embeddings.mask_token"}
+    table, cls = state.pop("embeddings.position_embeddings", None), state.pop("embeddings.cls_token", None)
+    if table is None or cls is None:
+        fail(f"{path}: the released DINOv2 weights lack the class token or the position table")
+    out, origin = _convert(state, RELEASED_DINOV2_RULES, path, "DINOv2")
+    g0, g = math.isqrt(table.shape[1] - 1), vfm.grid
+    grid = table[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False, antialias=True)
+    out["pos_embed"] = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(1, g * g, -1)
+    out["cls_token"] = cls + table[:, :1]
+    origin.update(pos_embed="embeddings.position_embeddings", cls_token="embeddings.cls_token")
+    _check_converted(out, origin, vfm.net.state_dict(), path, "DINOv2")
+    return out
+
+
+def _convert_released_pae(state, path):
+    """The authors' PAE {"model": ...} -> our 'pae' checkpoint; DINOv2-L is the released (and only verified) VFM."""
+    vfm_keys = {k for k in state if k.startswith("encoder.")}
+    prefix = "encoder.encoder." if any(k.startswith("encoder.encoder.embeddings.") for k in vfm_keys) else "encoder."
+    vfm_state = {k[len(prefix):]: state[k] for k in vfm_keys}
+    state = {k: v for k, v in state.items() if k not in vfm_keys}
+    needed = ("delta_encoder.pos_embed", "delta_encoder.patch_embed.proj.weight", "decoder.decoder_embed.weight",
+              "decoder.decoder_pred.weight", "latent_compressor.1.weight")
+    if any(k not in state for k in needed):
+        fail(f"{path} looks like a released PAE file but lacks {[k for k in needed if k not in state][:3]}; it "
+             f"was not saved with the DAM (use_delta_encoder) or is incomplete")
+    width, patch = state["delta_encoder.pos_embed"].shape[-1], state["delta_encoder.patch_embed.proj.weight"].shape[-1]
+    vfm_name = {(1024, 14): "dinov2", (64, 4): "tiny"}.get((width, patch))  # tiny: the CPU test miniature
+    if vfm_name is None:
+        fail(f"{path} is a released PAE on a VFM of width {width} and patch {patch}; only the DINOv2-L release "
+             f"(width 1024, patch 14) is verified to convert exactly")
+    layers = lambda p: 1 + max(int(k[len(p):].split(".")[0]) for k in state if k.startswith(p))  # noqa: E731
+    decoder = (state["decoder.decoder_embed.weight"].shape[0], layers("decoder.decoder_layers."),
+               state["decoder.decoder_layers.0.intermediate.dense.weight"].shape[0])
+    name = next((n for n, p in DECODER_PRESETS.items() if (p[0], p[1], p[3]) == decoder), None)
+    if name is None:
+        fail(f"{path}: the released decoder (width {decoder[0]}, {decoder[1]} layers, MLP {decoder[2]}) matches no "
+             f"decoder preset ({', '.join(DECODER_PRESETS)})")
+    grid = math.isqrt(state["delta_encoder.pos_embed"].shape[1])
+    dec_patch = math.isqrt(state["decoder.decoder_pred.weight"].shape[0] // 3)
+    pae_args = dict(vfm=vfm_name, decoder=name, vfm_weights=None, image_size=grid * dec_patch,
+                    dam_depth=layers("delta_encoder.layers."))
+    with torch.device("meta"):
+        pae = build_pae(**pae_args, pretrained=False)
+    converted, origin = _convert(state, RELEASED_PAE_RULES, path, "PAE")
+    _check_converted(converted, origin, pae.state_dict(), path, "PAE")
+    vfm = convert_released_dinov2(vfm_state, pae.vfm, path) if vfm_state else None
+    print0(f"{path}: the authors' released PAE (VFM {vfm_name}, decoder {name}"
+           f"{', with its VFM weights' if vfm else ''}) converted in memory")
+    return {"kind": "pae", "model": converted, "ema": None, "opt": None, "step": 0, "config": {},
+            "version": CKPT_VERSION, "pae_args": pae_args, "vfm": vfm, "released": True}
+
+
+def _convert_released_dit(ckpt, path):
+    """The authors' LightningDiT {"model", "ema", "opt", "config"} -> our 'dit' checkpoint (model and EMA)."""
+    state = _strip_wrappers(ckpt["model"])
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    model_cfg = config.get("model", {})
+    if any(model_cfg.get(k, v) != v for k, v in dict(use_swiglu=True, use_rope=True, use_rmsnorm=True,
+                                                   wo_shift=False, learn_sigma=False).items()):
+        fail(f"{path} is a LightningDiT with {model_cfg}; only the released PAE configuration (SwiGLU, RoPE, "
+             f"RMSNorm, adaLN with shift) is implemented here")
+    if "x_embedder.proj.weight" not in state or "feat_rope.freqs_cos" not in state:
+        fail(f"{path} looks like a released LightningDiT file but lacks its patch embedding or RoPE tables")
+    hidden, in_channels, patch = state["x_embedder.proj.weight"].shape[:3]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    tokens, head_dim = state["feat_rope.freqs_cos"].shape
+    size = next((n for n, p in DIT_PRESETS.items() if p == (hidden, depth, hidden // head_dim)), None)
+    if size is None:
+        fail(f"{path}: a LightningDiT of width {hidden}, depth {depth}, {hidden // head_dim} heads matches no "
+             f"preset ({', '.join(DIT_PRESETS)})")
+    model_args = dict(preset=f"{size}/{patch}", in_channels=in_channels, input_size=math.isqrt(tokens) * patch,
+                      num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,
+                      qk_norm="blocks.0.attn.q_norm.weight" in state)
+    with torch.device("meta"):
+        expected = build_dit(**model_args).state_dict()
+    rope = rope_2d(head_dim, math.isqrt(tokens))
+    weights = {}
+    for which in ("model", "ema"):
+        if ckpt.get(which) is None:
+            weights[which] = None
+            continue
+        converted, origin = _convert(_strip_wrappers(ckpt[which]), RELEASED_DIT_RULES, path, f"LightningDiT {which}")
+        for table, ours in zip((converted.pop("rope_cos", None), converted.pop("rope_sin", None)), rope):
+            if table is None or table.shape != ours.shape or not torch.allclose(table.float(), ours, atol=1e-5):
+                fail(f"{path}: the released RoPE tables do not match a {model_args['input_size']}x"
+                     f"{model_args['input_size']} latent with head dim {head_dim}")
+        _check_converted(converted, origin, expected, path, f"LightningDiT {which}")
+        weights[which] = converted
+    multiplier = float(config.get("data", {}).get("latent_multiplier", 1.0))
+    print0(f"{path}: the authors' released LightningDiT-{model_args['preset']} converted in memory"
+           f"{'' if model_args['qk_norm'] is False else ' (QK norm)'}; its latent statistics come from the "
+           f"release's latents_stats.pt (sample.py --latent_stats)")
+    return {"kind": "dit", **weights, "opt": None, "step": 0, "config": {}, "version": CKPT_VERSION,
+            "model_args": model_args, "latent_multiplier": multiplier, "released": True}
+
+
+# -----------------------------------------------------------------------------
+# 6. shared plumbing: config parsing, dist setup/teardown, print0, checkpoints, FLOPs
+
+CKPT_VERSION = 2  # 2: the released PAE architecture (DAM fusion, attention biases, init)
 
 
 def fail(message):
@@ -741,18 +982,29 @@ def save_checkpoint(path, kind, model, config, step, ema=None, opt=None, **extra
 
 
 def load_checkpoint(path, kind):
-    """Load a checkpoint of the expected kind, or stop with one sentence saying what is wrong."""
+    """Load a checkpoint of the expected kind, or stop with one sentence saying what is wrong. The authors'
+    released PAE and LightningDiT files are recognised and converted into the same schema."""
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist; check the path")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"checkpoint {path} cannot be read ({type(e).__name__}); it is truncated, corrupt or not a "
-             f"PAE checkpoint")
+        fail(f"checkpoint {path} cannot be read safely ({type(e).__name__}); it is truncated, corrupt, not a "
+             f"checkpoint, or pickles Python objects that a weights-only load refuses")
+    released = _release_format(ckpt) if isinstance(ckpt, dict) and "kind" not in ckpt else None
+    if released == "pae" and kind == "pae":
+        return _convert_released_pae(_strip_wrappers(ckpt["model"]), path)
+    if released == "dit" and kind == "dit":
+        return _convert_released_dit(ckpt, path)
+    if released:
+        fail(f"{path} is the authors' released {released.upper()} file, but a {kind!r} checkpoint is needed here")
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
-        fail(f"{path} is not a PAE checkpoint (no 'kind' field)")
+        fail(f"{path} is not a PAE checkpoint (no 'kind' field) nor one of the authors' released files")
     if ckpt["kind"] != kind:
         fail(f"checkpoint {path} is a {ckpt['kind']!r} checkpoint, but a {kind!r} checkpoint is needed here")
+    if kind in ("pae", "refine") and ckpt.get("version", 1) < 2:
+        fail(f"{path} was written by an earlier version of this code whose tokenizer differs from the released "
+             f"architecture; train it again (train_ae.py)")
     return ckpt
 
 

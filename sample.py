@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,12 +53,16 @@ class Config:
     num_samples: int = 50_000  # class-balanced: num_samples / num_classes of every class
     labels: str = ""  # e.g. "88,207,360": per_label samples of each listed class instead (one grid row each)
     per_label: int = 8  # samples per class with --labels
-    sampler: str = "ode"  # ode (Euler) | sde (Euler-Maruyama, final mean step)
+    latent_stats: str = ""  # the release's latents_stats.pt (mean/std) for an authors' DiT file; "" = from the ckpt
+    sampler: str = "ode"  # ode (Euler) | sde (Euler-Maruyama of the SBDM SDE, final mean step), as released
     num_steps: int = 250  # points of the time grid = num_steps - 1 Euler steps (sde: plus the mean step); paper 250
     time_shift: float = 0.4  # grid t <- s*t / (1 + (s-1)*t), s = 0.4 (t = 1 is data)
     cfg_scale: float = 2.5  # v = v_u + w*(v_c - v_u) on all channels; 1 = no guidance
     cfg_interval_start: float = 0.25  # guidance only where the shifted t >= this
-    last_step_size: float = 0.004  # sde: the grid ends at 1 - this, then one noise-free (mean) step to 1
+    last_step_size: float = 0.004  # sde: the grid ends at 1 - this, then one noise-free (mean) step of this size
+    dit_precision: str = "fp32"  # fp32 (TF32 matmuls on GPU, as released) | bf16 (autocast: faster, not the paper's)
+    decode_precision: str = "bf16"  # bf16 (bf16 decoder weights + autocast, as released) | fp32
+    to_uint8: str = "truncate"  # truncate (clamp(255x) cast, as the published numbers were made) | round
     batch_size: int = 250  # samples per batch on one process = one shard file; fixed, so results ignore the rank count
     seed: int = 0
     compile: bool = True  # torch.compile the DiT (GPU only)
@@ -72,55 +77,72 @@ PRESETS = {
                  batch_size=16, compile=False),  # 64 = 4 of each of the 16 synthetic classes
 }
 SAMPLERS = ("ode", "sde")
+PRECISIONS = ("fp32", "bf16")
+UINT8_MODES = ("truncate", "round")
 
 # -----------------------------------------------------------------------------
-# samplers (t = 0 is noise, t = 1 is data: x_t = t*x1 + (1-t)*x0, v = x1 - x0)
+# samplers (t = 0 is noise, t = 1 is data: x_t = t*x1 + (1-t)*x0, v = x1 - x0). Both work in the dtype of x and
+# follow the released transport code operation by operation; float64 reproduces the grid exactly.
 
 
-def time_grid(num_steps, shift):
-    """num_steps points from 0 to 1, uniform then shifted (s < 1 puts more of them near the noise end)."""
-    return shift_time(torch.linspace(0, 1, num_steps, dtype=torch.float64), shift).tolist()
+def shifted_grid(start, end, num_steps, shift, dtype=torch.float64):
+    """num_steps points uniformly from start to end, each shifted t <- s*t / (1 + (s-1)*t) (s < 1: denser near noise)."""
+    return shift_time(torch.linspace(start, end, num_steps, dtype=dtype), shift)
 
 
-def euler_ode(velocity, x, grid):
-    """Euler steps of dx/dt = v(x, t) along the grid; x stays fp32."""
+def ode_sample(velocity, x, num_steps, shift):
+    """Euler steps of dx/dt = v(x, t) on shift(linspace(0, 1, num_steps)); velocity(x, t) takes t as a float."""
+    grid = shifted_grid(0.0, 1.0, num_steps, shift, x.dtype)
     for t, t_next in zip(grid[:-1], grid[1:]):
-        x = x + (t_next - t) * velocity(x, t)
+        x = x + (t_next - t) * velocity(x, t.item())
     return x
 
 
-def euler_maruyama(velocity, x, grid, noise, last_step_size):
-    """Euler-Maruyama for dx = [v + w(t)*score] dt + sqrt(2 w(t)) dW, which has the ODE's marginals for any w.
+def sbdm_diffusion(t):
+    """The released SDE's diffusion coefficient w(t) = (1 - t)/t (SBDM form of the linear path), as computed there."""
+    return 1 / t * (1 - t) ** 2 + (1 - t)
 
-    score = -(x - t*v) / (1 - t) follows from v = E[x1 - x0 | x_t]. [our reading] w(t) = 1 - t (SiT's "sigma"
-    diffusion), so the drift is (1 + t)*v - x, finite at both ends. The grid is squeezed into [0, 1 - last_step]
-    and a final noise-free step of size last_step_size lands on t = 1. noise(i) gives step i's N(0, I) draw.
-    """
-    grid = [t * (1 - last_step_size) for t in grid]
 
-    def drift(x, t):
-        return (1 + t) * velocity(x, t) - x
+def sbdm_drift(velocity, x, t):
+    """v + w(t) * score with score = (t*v - x) / (1 - t), which is 2v - x/t; t a 0-d tensor in x's dtype."""
+    v = velocity(x, t.item()).to(x.dtype)
+    score = (t * v - x) / ((1 - t) ** 2 + t * (1 - t))
+    return v + sbdm_diffusion(t) * score
 
+
+def sde_sample(velocity, x, num_steps, shift, noise, last_step_size=0.004, t_start=1e-5):
+    """Euler-Maruyama of dx = [v + w*score] dt + sqrt(2w) dW (the ODE's marginals for any w) as released: w(t) =
+    (1-t)/t, grid shift(linspace(1e-5, 1 - last_step_size, num_steps)), then one noise-free mean step of size
+    last_step_size whose drift is taken at t = 1 - last_step_size (unshifted). noise(i) = step i's N(0, I) draw."""
+    grid = shifted_grid(t_start, 1 - last_step_size, num_steps, shift, x.dtype)
     for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         dt = t_next - t
-        x = x + dt * drift(x, t) + (2 * (1 - t) * dt) ** 0.5 * noise(i)
-    return x + last_step_size * drift(x, grid[-1])
+        dw = noise(i).to(x) * dt.sqrt()
+        x_mean = x + sbdm_drift(velocity, x, t) * dt
+        x = x_mean + (2 * sbdm_diffusion(t)).sqrt() * dw
+    t_last = torch.tensor(1 - last_step_size, dtype=x.dtype)
+    return x + sbdm_drift(velocity, x, t_last) * last_step_size
 
 
 def guided_velocity(model, labels, cfg_scale, cfg_interval_start, null_class):
-    """v(x, t) of the DiT with CFG v_u + w*(v_c - v_u) where t >= cfg_interval_start (both passes in one batch)."""
+    """v(x, t) of the DiT with CFG v_u + w*(v_c - v_u) where t >= cfg_interval_start (both passes in one batch),
+    in x's dtype; the caller chooses the precision (e.g. a bf16 autocast around the sampler)."""
 
     def velocity(x, t):
         t_batch = torch.full((len(x),), t, device=x.device)
-        with autocast(x.device):
-            if cfg_scale == 1 or t < cfg_interval_start:  # guidance off: the conditional pass alone
-                return model(x, t_batch, labels).float()
-            null = torch.full_like(labels, null_class)
-            v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]),
-                                     torch.cat([labels, null])).float().chunk(2)
+        if cfg_scale == 1 or t < cfg_interval_start:  # guidance off: the conditional pass alone
+            return model(x, t_batch, labels).to(x.dtype)
+        null = torch.full_like(labels, null_class)
+        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]),
+                                 torch.cat([labels, null])).to(x.dtype).chunk(2)
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 
     return velocity
+
+
+def precision(device, name):
+    """fp32 (TF32 matmuls on GPU when enabled) or a bf16 autocast, on any device."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if name == "bf16" else nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -143,15 +165,31 @@ def sample_latents(model, indices, labels, shape, cfg, null_class, device):
 
     velocity = guided_velocity(model, torch.tensor(labels, device=device), cfg.cfg_scale, cfg.cfg_interval_start,
                                null_class)
-    grid = time_grid(cfg.num_steps, cfg.time_shift)
-    if cfg.sampler == "ode":
-        return euler_ode(velocity, draw(), grid)
-    return euler_maruyama(velocity, draw(), grid, lambda i: draw(), cfg.last_step_size)
+    with precision(device, cfg.dit_precision):
+        if cfg.sampler == "ode":
+            return ode_sample(velocity, draw(), cfg.num_steps, cfg.time_shift)
+        return sde_sample(velocity, draw(), cfg.num_steps, cfg.time_shift, lambda i: draw(), cfg.last_step_size)
 
 
-def to_uint8(images01):
-    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded rather than truncated (SPEC §12.4)."""
-    return (images01.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def decode(pae, latent, decode_precision):
+    """Images in [0, 1] (not clamped, fp32). bf16 as released: the decoder's weights are cast to bf16 once
+    (prepare_decoder) and run under a bf16 autocast; the de-normalisation by the VFM mean/std stays fp32."""
+    with precision(latent.device, decode_precision):
+        return pae.decode(latent).float()
+
+
+def prepare_decoder(pae, decode_precision):
+    if decode_precision == "bf16":
+        pae.deprojector.to(torch.bfloat16)
+        pae.decoder.to(torch.bfloat16)
+    return pae
+
+
+def to_uint8(images01, mode="truncate"):
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8: clamp(255x, 0, 255) truncated (as released, and as the
+    published FIDs were computed) or rounded (unbiased, +0.5/255 brighter on average)."""
+    scaled = (images01.float() * 255).clamp(0, 255)
+    return (scaled.round() if mode == "round" else scaled).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_npz(path, **arrays):
@@ -167,9 +205,22 @@ def save_npz(path, **arrays):
     atomic_write(path, write)
 
 
-def latent_meta(ckpt, path):
-    """Latent statistics and AE path (SPEC §3.3): the copy stored in the DiT checkpoint, which is what the DiT was
-    trained on; the latent cache's meta.json only for checkpoints without a copy."""
+def latent_meta(ckpt, path, latent_stats=""):
+    """Latent statistics and AE path: the release's latents_stats.pt when given (mean and std of shape (1, C, 1, 1);
+    its DiT's latent_multiplier folded into std), else the copy stored in the DiT checkpoint, which is what the DiT
+    was trained on; the latent cache's meta.json only for checkpoints without a copy."""
+    if latent_stats:
+        try:
+            stats = torch.load(latent_stats, map_location="cpu", weights_only=True)
+            mean, std = stats["mean"].float().flatten(), stats["std"].float().flatten()
+        except Exception as e:
+            fail(f"--latent_stats {latent_stats} cannot be read as the release's latents_stats.pt with 'mean' and "
+                 f"'std' tensors ({type(e).__name__})")
+        std = std / ckpt.get("latent_multiplier", 1.0)  # the release samples (x * std) / multiplier + mean
+        return {"mean": mean.tolist(), "std": std.tolist(), "ae_ckpt": ""}
+    if ckpt.get("released"):
+        fail(f"{path} is the authors' released DiT, which holds no latent statistics: pass --latent_stats (the "
+             f"release's latents_stats.pt) and --ae_ckpt (the released PAE)")
     meta_path = os.path.join(ckpt["config"].get("latents", ""), "meta.json")
     stored = ckpt.get("latent_meta")
     on_disk = None
@@ -191,11 +242,16 @@ def latent_meta(ckpt, path):
 def main(argv=None):
     # --- setup
     cfg = parse_config(Config, argv, PRESETS)
-    if cfg.sampler not in SAMPLERS:
-        fail(f"unknown sampler {cfg.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    for name, value, valid in (("sampler", cfg.sampler, SAMPLERS), ("dit_precision", cfg.dit_precision, PRECISIONS),
+                               ("decode_precision", cfg.decode_precision, PRECISIONS),
+                               ("to_uint8", cfg.to_uint8, UINT8_MODES)):
+        if value not in valid:
+            fail(f"unknown --{name} {value!r}; valid values: {', '.join(valid)}")
     if cfg.num_steps < 2:
         fail(f"--num_steps {cfg.num_steps} is too small; the time grid needs at least 2 points")
     d = Dist()
+    torch.backends.cuda.matmul.allow_tf32 = True  # the release samples its fp32 DiT with TF32 matmuls
+    torch.backends.cudnn.allow_tf32 = True
     print0(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     # --- model: DiT (EMA by default), latent statistics and the PAE decoder, all found through the checkpoint
@@ -206,8 +262,7 @@ def main(argv=None):
     weights = ckpt["ema"] if cfg.use_ema else ckpt["model"]
     if weights is None:
         fail(f"{cfg.ckpt} holds no EMA weights; pass --use_ema false to sample with the raw weights")
-    model = build_dit(args["preset"], args["in_channels"], args["input_size"], num_classes=args["num_classes"],
-                      qk_norm=args["qk_norm"])
+    model = build_dit(**args)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -215,12 +270,12 @@ def main(argv=None):
     model = model.to(d.device).eval().requires_grad_(False)
     if cfg.compile and d.device.type == "cuda":
         model = torch.compile(model)
-    meta = latent_meta(ckpt, cfg.ckpt)
+    meta = latent_meta(ckpt, cfg.ckpt, cfg.latent_stats)
     ae_path = cfg.ae_ckpt or meta.get("ae_ckpt", "")
     if not os.path.isfile(ae_path):
         fail(f"AE checkpoint {ae_path!r} (from {'--ae_ckpt' if cfg.ae_ckpt else 'the latent meta.json'}) does not "
              f"exist; pass --ae_ckpt PATH")
-    pae = pae_from_checkpoint(ae_path, d.device, decode_only=True)
+    pae = prepare_decoder(pae_from_checkpoint(ae_path, d.device, decode_only=True), cfg.decode_precision)
     channels, size, num_classes = args["in_channels"], args["input_size"], args["num_classes"]
     if pae.vfm.grid != size:
         fail(f"the AE {ae_path} decodes {pae.vfm.grid}x{pae.vfm.grid} latents but {cfg.ckpt} models {size}x{size}; "
@@ -271,9 +326,8 @@ def main(argv=None):
         labels = classes_of(indices, num_classes, chosen, cfg.per_label)
         with torch.no_grad():
             latent = sample_latents(model, indices, labels, (channels, size, size), cfg, num_classes, d.device)
-            # de-normalise per channel (SPEC §3.3); decode in fp32, as bf16 is too coarse near 1.0 for uint8 rounding
-            images = pae.decode(latent * std + mean)
-        save_npz(shard_path(s), arr_0=to_uint8(images), labels=np.array(labels, dtype=np.int64))
+            images = decode(pae, latent * std + mean, cfg.decode_precision)  # de-normalised per channel
+        save_npz(shard_path(s), arr_0=to_uint8(images, cfg.to_uint8), labels=np.array(labels, dtype=np.int64))
     elapsed = time.time() - t0
     done = sum(min((s + 1) * cfg.batch_size, num_samples) - s * cfg.batch_size for s in mine)
     print0(f"rank 0: {done} samples in {elapsed:.1f}s ({done / max(elapsed, 1e-9):.2f} samples/s per process)")

@@ -243,18 +243,47 @@ def lpips_net():
 
 def test_pae_paper_parameter_counts():
     with torch.device("meta"):
-        pae = model.build_pae(pretrained=False)  # DINOv2-L + decoder L, SPEC §4.5
+        pae = model.build_pae(pretrained=False)  # DINOv2-L + decoder L
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
-    table = {name: round(count(getattr(pae, name)) / 1e6, 2) for name in ("dam", "projector", "deprojector", "decoder")}
-    assert table == {"dam": 103.50, "projector": 4.49, "deprojector": 4.49, "decoder": 304.15}
-    total = sum(p.numel() for p in pae.trainable_parameters())
-    assert abs(total / 416.63e6 - 1) < 0.01
+    fixed = lambda m: sum(p.numel() for p in m.parameters() if not p.requires_grad)
+    table = {name: (count(getattr(pae, name)), fixed(getattr(pae, name)))
+             for name in ("dam", "projector", "deprojector", "decoder")}
+    assert table == {"dam": (103_496_704, 262_144), "projector": (4_490_272, 0), "deprojector": (4_491_264, 0),
+                     "decoder": (304_149_248, 263_168)}  # exactly the released modules' counts (random init)
+    assert sum(p.numel() for p in pae.trainable_parameters()) == 416_627_488
     assert count(pae.vfm) == 0 and abs(sum(p.numel() for p in pae.vfm.parameters()) / 303.2e6 - 1) < 0.01
     assert pae.vfm.grid == 16 and pae.image_size == 256 and pae.decoder.patch == 16
     with pytest.raises(SystemExit, match="does not exist"):
         model.build_pae(vfm_weights="/nonexistent/dinov2.pth")
     with pytest.raises(SystemExit, match="valid names: dinov2, dinov3, siglip2, mae, tiny"):
         model.build_pae(vfm="dinov4")
+
+
+def test_released_architecture_details_a_forward_pass_cannot_see():
+    """The released PAE's LayerNorm eps, init, biases, resize and sin-cos order, pinned one by one."""
+    torch.manual_seed(0)
+    pae = build_pae(preset="tiny")
+    block = pae.dam.blocks[0]
+    assert {m.eps for m in (block.norm1, block.norm2, block.norm_vfm, block.norm3, pae.dam.norm)} == {1e-5}
+    assert pae.dam.norm.elementwise_affine  # H_z = LayerNorm(...) with a learnable scale and shift
+    assert {m.eps for m in pae.decoder.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-12}  # ViT-MAE config
+    assert torch.equal(pae.decoder.cls_token, torch.zeros_like(pae.decoder.cls_token))
+    for attn in (pae.projector.attn, pae.deprojector.attn):
+        assert attn.q.bias is None and attn.k.bias is None and attn.v.bias is None and attn.proj.bias is not None
+    assert block.self_attn.q.bias is not None and pae.decoder.blocks[0].attn.v.bias is not None
+    for linear in (block.mlp[0], pae.decoder.blocks[0].attn.q, pae.deprojector.attn.k, pae.decoder.head):
+        bound = 1 / math.sqrt(linear.in_features)  # PyTorch's default init, not xavier (sqrt(6 / (in + out)))
+        assert linear.weight.abs().max() <= bound and linear.weight.abs().max() > 0.9 * bound
+        assert linear.bias is None or linear.bias.abs().min() > 0  # default biases are not zero
+    assert torch.equal(pae.dam.sft.weight, torch.zeros_like(pae.dam.sft.weight))  # zero SFT head
+    images = _images(2, 40)  # 40 px -> 32 px: bicubic without antialias, as released
+    expected = (F.interpolate(images, size=32, mode="bicubic", align_corners=False) - pae.vfm.mean) / pae.vfm.std
+    torch.testing.assert_close(pae.vfm.preprocess(images), expected, rtol=0, atol=0)
+    table = model.sincos_2d(16, 4)  # row r, column c at index 4r + c: [sin(c w), cos(c w), sin(r w), cos(r w)]
+    omega = 1 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)
+    r, c = 2, 3
+    want = torch.cat([(c * omega).sin(), (c * omega).cos(), (r * omega).sin(), (r * omega).cos()]).float()
+    torch.testing.assert_close(table[4 * r + c], want)
 
 
 @pytest.mark.parametrize("vfm", ["dinov3", "siglip2", "mae"])
@@ -275,7 +304,7 @@ def test_pae_init_identity_sphere_and_frozen_vfm():
     torch.testing.assert_close(h_z, F.layer_norm(vfm_tokens, (64,)), rtol=0, atol=1e-6)  # zero-init SFT
     latent = pae.encode(images)
     assert latent.shape == (4, 32, 8, 8)
-    assert (latent.norm(dim=1) / math.sqrt(32) - 1).abs().max() < 1e-4
+    assert (latent.norm(dim=1) / math.sqrt(32) - 1).abs().max() < 1e-3  # the RMS norm's eps 1e-6 on small tokens
     vfm_before = {k: v.clone() for k, v in pae.vfm.net.state_dict().items()}
     trainable = pae.trainable_parameters()
     assert not any(p is q for p in trainable for q in pae.vfm.parameters())
@@ -403,8 +432,9 @@ def test_pae_loss_composition_and_tiny_loss_falls(lpips_net):
     torch.testing.assert_close(total.detach(), sum(weights[k] * v for k, v in parts.items()))
     opt = torch.optim.AdamW(pae.trainable_parameters(), lr=2e-3)
     history = []
-    for _ in range(24):  # GAN off: an untrained discriminator is simply fooled, which would mask the test
-        total, parts = losses.pae_loss(pae(images, (42.5, 85.0)), images, lpips_net, refiner)
+    for _ in range(24):  # GAN off: an untrained discriminator is simply fooled, which would mask the test;
+        # MCR off: on two images its continuity term holds the decoder near its mean for the first ~40 steps
+        total, parts = losses.pae_loss(pae(images, (42.5, 85.0)), images, lpips_net, refiner, mcr=0.0)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -428,8 +458,254 @@ def test_diagnostics_gsq_and_lpc(lpips_net):
     assert score.shape == (2,) and (score > 0).all()
 
 
+def test_ssim_matches_scikit_image():
+    structural_similarity = pytest.importorskip("skimage.metrics").structural_similarity
+    images = _images(2, 40)
+    noisy = (images + 0.1 * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    ours = losses.ssim(noisy, images)
+    for a, b, s in zip(noisy, images, ours):
+        ref = structural_similarity(a.permute(1, 2, 0).double().numpy(), b.permute(1, 2, 0).double().numpy(),
+                                    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0,
+                                    channel_axis=2)
+        assert s.item() == pytest.approx(ref, abs=1e-5)
+    assert losses.ssim(images, images).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
 # -----------------------------------------------------------------------------
-# train_ae.py: data, stages refine / ae / encode / eval
+# the authors' released checkpoints (model.load_checkpoint converts them in memory)
+
+
+def _random_state(shapes, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: 0.1 * torch.randn(s, generator=g) + (1.0 if k.endswith(("norm1.weight", "norm2.weight")) else 0)
+            for k, s in shapes.items()}
+
+
+def _linear(prefix, n_out, n_in, bias=True):
+    return {prefix + ".weight": (n_out, n_in), **({prefix + ".bias": (n_out,)} if bias else {})}
+
+
+def _released_tiny_pae_shapes(with_vfm=True, W=64, grid=8, patch=4, mlp=256):
+    """Keys and shapes of the authors' PAE modules (DeltaEncoder, timm Attention compressors, ViT-MAE decoder,
+    HF Dinov2WithRegistersModel in transformers-4 names) at the tiny sizes: width 64, 2 + 2 layers, patch 4."""
+    s = {"delta_encoder.patch_embed.proj.weight": (W, 3, patch, patch), "delta_encoder.patch_embed.proj.bias": (W,),
+         "delta_encoder.pos_embed": (1, grid * grid, W)}
+    for i in range(2):
+        L = f"delta_encoder.layers.{i}."
+        for norm in ("norm1", "norm2_q", "norm2_kv", "norm3"):
+            s.update({L + norm + ".weight": (W,), L + norm + ".bias": (W,)})
+        s.update({**_linear(L + "self_attn.qkv", 3 * W, W), **_linear(L + "self_attn.proj", W, W),
+                  **_linear(L + "cross_attn.q_proj", W, W), **_linear(L + "cross_attn.k_proj", W, W),
+                  **_linear(L + "cross_attn.v_proj", W, W), **_linear(L + "cross_attn.proj", W, W),
+                  **_linear(L + "mlp.fc1", 4 * W, W), **_linear(L + "mlp.fc2", W, 4 * W)})
+    s.update({**_linear("delta_encoder.fusion_proj", 2 * W, W), "delta_encoder.final_ln.weight": (W,),
+              "delta_encoder.final_ln.bias": (W,), **_linear("latent_compressor.0.qkv", 3 * W, W, bias=False),
+              **_linear("latent_compressor.0.proj", W, W), "latent_compressor.1.weight": (32, W, 3, 3),
+              "latent_compressor.1.bias": (32,), "latent_decompressor.0.weight": (W, 32, 3, 3),
+              "latent_decompressor.0.bias": (W,), **_linear("latent_decompressor.1.qkv", 3 * W, W, bias=False),
+              **_linear("latent_decompressor.1.proj", W, W), **_linear("decoder.decoder_embed", W, W),
+              "decoder.decoder_pos_embed": (1, grid * grid + 1, W), "decoder.trainable_cls_token": (1, 1, W),
+              "decoder.decoder_norm.weight": (W,), "decoder.decoder_norm.bias": (W,),
+              **_linear("decoder.decoder_pred", patch * patch * 3, W)})
+    for i in range(2):
+        L = f"decoder.decoder_layers.{i}."
+        s.update({**_linear(L + "attention.attention.query", W, W), **_linear(L + "attention.attention.key", W, W),
+                  **_linear(L + "attention.attention.value", W, W), **_linear(L + "attention.output.dense", W, W),
+                  **_linear(L + "intermediate.dense", mlp, W), **_linear(L + "output.dense", W, mlp),
+                  L + "layernorm_before.weight": (W,), L + "layernorm_before.bias": (W,),
+                  L + "layernorm_after.weight": (W,), L + "layernorm_after.bias": (W,)})
+    if with_vfm:  # the PAE's encoder (Dinov2withNorm) wraps the HF model: encoder.encoder.*; table 14 x 14
+        E = "encoder.encoder."
+        s.update({E + "embeddings.cls_token": (1, 1, W), E + "embeddings.mask_token": (1, W),
+                  E + "embeddings.position_embeddings": (1, 14 * 14 + 1, W),
+                  E + "embeddings.register_tokens": (1, 4, W),
+                  E + "embeddings.patch_embeddings.projection.weight": (W, 3, patch, patch),
+                  E + "embeddings.patch_embeddings.projection.bias": (W,)})
+        for i in range(2):
+            L = f"{E}encoder.layer.{i}."
+            s.update({**_linear(L + "attention.attention.query", W, W), **_linear(L + "attention.attention.key", W, W),
+                      **_linear(L + "attention.attention.value", W, W), **_linear(L + "attention.output.dense", W, W),
+                      **_linear(L + "mlp.fc1", 4 * W, W), **_linear(L + "mlp.fc2", W, 4 * W),
+                      L + "norm1.weight": (W,), L + "norm1.bias": (W,), L + "norm2.weight": (W,),
+                      L + "norm2.bias": (W,), L + "layer_scale1.lambda1": (W,), L + "layer_scale2.lambda1": (W,)})
+    return s
+
+
+def _released_tiny_dit(num_classes=3, channels=32, size=8, qk_norm=False, seed=0):
+    """State dict of the authors' LightningDiT (SwiGLU, RoPE, RMSNorm) at the tiny preset: width 64, 2 blocks,
+    4 heads; the RoPE tables as VisionRotaryEmbeddingFast builds them (row code, then column code)."""
+    D, N, hidden = 64, size * size, int(2 / 3 * 4 * 64)
+    s = {"x_embedder.proj.weight": (D, channels, 1, 1), "x_embedder.proj.bias": (D,), "pos_embed": (1, N, D),
+         **_linear("t_embedder.mlp.0", D, 256), **_linear("t_embedder.mlp.2", D, D),
+         "y_embedder.embedding_table.weight": (num_classes + 1, D), "final_layer.norm_final.weight": (D,),
+         **_linear("final_layer.linear", channels, D), **_linear("final_layer.adaLN_modulation.1", 2 * D, D)}
+    for i in range(2):
+        L = f"blocks.{i}."
+        s.update({L + "norm1.weight": (D,), L + "norm2.weight": (D,), **_linear(L + "attn.qkv", 3 * D, D),
+                  **_linear(L + "attn.proj", D, D), **_linear(L + "mlp.w12", 2 * hidden, D),
+                  **_linear(L + "mlp.w3", D, hidden), **_linear(L + "adaLN_modulation.1", 6 * D, D)})
+        if qk_norm:
+            s.update({L + "attn.q_norm.weight": (16,), L + "attn.k_norm.weight": (16,)})
+    state = _random_state(s, seed)
+    freqs = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)  # dim = head_dim / 2 = 8
+    angles = (torch.arange(size).float()[:, None] * freqs).repeat_interleave(2, dim=1)  # (size, 8)
+    grid = torch.cat([angles[:, None].expand(size, size, 8), angles[None].expand(size, size, 8)], dim=-1)
+    state["feat_rope.freqs_cos"], state["feat_rope.freqs_sin"] = grid.reshape(N, 16).cos(), grid.reshape(N, 16).sin()
+    return state
+
+
+def _released_dam_reference(s, pixels, vfm_tokens, heads=4):
+    """The released DAM (DeltaEncoder, cross-attention on, 'sft' fusion) written out from its equations."""
+    ln = lambda x, p: F.layer_norm(x, x.shape[-1:], s[p + ".weight"], s[p + ".bias"])  # noqa: E731  eps 1e-5
+    lin = lambda x, p: F.linear(x, s[p + ".weight"], s.get(p + ".bias"))  # noqa: E731
+
+    def attn(q, k, v):
+        split = lambda t: t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+        return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+
+    P = "delta_encoder."
+    x = F.conv2d(pixels, s[P + "patch_embed.proj.weight"], s[P + "patch_embed.proj.bias"], stride=4)
+    x = x.flatten(2).transpose(1, 2) + s[P + "pos_embed"]
+    for i in range(2):
+        L = f"{P}layers.{i}."
+        x = x + lin(attn(*lin(ln(x, L + "norm1"), L + "self_attn.qkv").chunk(3, -1)), L + "self_attn.proj")
+        h, u = ln(x, L + "norm2_q"), ln(vfm_tokens, L + "norm2_kv")
+        x = x + lin(attn(lin(h, L + "cross_attn.q_proj"), lin(u, L + "cross_attn.k_proj"),
+                         lin(u, L + "cross_attn.v_proj")), L + "cross_attn.proj")
+        x = x + lin(F.gelu(lin(ln(x, L + "norm3"), L + "mlp.fc1")), L + "mlp.fc2")
+    gamma, beta = lin(x, P + "fusion_proj").chunk(2, -1)  # on the block output, no norm in between
+    return ln(vfm_tokens * (1 + gamma) + beta, P + "final_ln")
+
+
+@pytest.fixture(scope="module")
+def released_files(tmp_path_factory):
+    """Tiny files in the authors' released formats: PAE (with its DINOv2 weights, DDP-prefixed keys), DiT, stats."""
+    root = tmp_path_factory.mktemp("released")
+    pae_state = _random_state(_released_tiny_pae_shapes(), 0)
+    torch.save({"model": {f"module.{k}": v for k, v in pae_state.items()}}, root / "pae.pt")
+    config = {"model": {"model_type": "LightningDiT-tiny/1", "use_qknorm": False, "use_swiglu": True,
+                        "use_rope": True, "use_rmsnorm": True, "wo_shift": False},
+              "data": {"latent_multiplier": 1.0, "num_classes": 3}}
+    dit = {"model": _released_tiny_dit(seed=1), "ema": _released_tiny_dit(seed=2), "opt": {}, "config": config}
+    torch.save(dit, root / "dit.pt")
+    g = torch.Generator().manual_seed(3)
+    torch.save({"mean": 0.1 * torch.randn(1, 32, 1, 1, generator=g).bfloat16(),  # the release keeps them in bf16
+                "std": (1 + 0.1 * torch.rand(1, 32, 1, 1, generator=g)).bfloat16()}, root / "latents_stats.pt")
+    return root, pae_state, dit
+
+
+def test_released_pae_converts_strictly_and_computes_the_released_dam(released_files, tmp_path):
+    root, s, _ = released_files
+    pae = model.pae_from_checkpoint(str(root / "pae.pt"))
+    assert pae.pae_args == dict(vfm="tiny", decoder="tiny", vfm_weights=None, image_size=32, dam_depth=2)
+    W = 64
+    pairs = [(pae.dam.blocks[1].self_attn.k.weight, s["delta_encoder.layers.1.self_attn.qkv.weight"][W:2 * W]),
+             (pae.dam.blocks[0].cross_attn.v.bias, s["delta_encoder.layers.0.cross_attn.v_proj.bias"]),
+             (pae.dam.blocks[0].norm_vfm.weight, s["delta_encoder.layers.0.norm2_kv.weight"]),
+             (pae.projector.attn.v.weight, s["latent_compressor.0.qkv.weight"][2 * W:]),
+             (pae.decoder.blocks[1].attn.proj.bias, s["decoder.decoder_layers.1.attention.output.dense.bias"]),
+             (pae.decoder.cls_token, s["decoder.trainable_cls_token"]),
+             (pae.vfm.net.blocks[0].attn.qkv.weight[W:2 * W],
+              s["encoder.encoder.encoder.layer.0.attention.attention.key.weight"]),
+             (pae.vfm.net.blocks[1].ls2.gamma, s["encoder.encoder.encoder.layer.1.layer_scale2.lambda1"]),
+             (pae.vfm.net.cls_token, s["encoder.encoder.embeddings.cls_token"]
+              + s["encoder.encoder.embeddings.position_embeddings"][:, :1])]
+    for ours, released in pairs:
+        assert torch.equal(ours, released)
+    images = _images(2)
+    with torch.no_grad():
+        vfm_tokens = pae.vfm(images)
+        h_z = pae.dam(pae.vfm.preprocess(images), vfm_tokens)
+        torch.testing.assert_close(h_z, _released_dam_reference(s, pae.vfm.preprocess(images), vfm_tokens))
+        latent = pae.encode(images)
+        assert latent.shape == (2, 32, 8, 8) and torch.isfinite(pae.decode(latent)).all()
+    for change, message in ((lambda d: d.pop("delta_encoder.layers.1.norm3.bias"), "no tensor for our"),
+                            (lambda d: d.update(extra=torch.zeros(1)), "holds a tensor 'extra'"),
+                            (lambda d: d.update({"decoder.decoder_norm.weight": torch.zeros(3)}),
+                             r"wrong shapes decoder.decoder_norm.weight \(3,\)")):
+        broken = dict(s)
+        change(broken)
+        torch.save({"model": broken}, tmp_path / "broken.pt")
+        with pytest.raises(SystemExit, match=message):
+            model.load_checkpoint(str(tmp_path / "broken.pt"), "pae")
+    with pytest.raises(SystemExit, match="released DIT file, but a 'pae' checkpoint"):
+        model.load_checkpoint(str(root / "dit.pt"), "pae")
+
+
+def test_released_dit_converts_model_and_ema(released_files, tmp_path):
+    root, _, dit = released_files
+    ckpt = model.load_checkpoint(str(root / "dit.pt"), "dit")
+    assert ckpt["model_args"] == dict(preset="tiny/1", in_channels=32, input_size=8, num_classes=3, qk_norm=False)
+    for which in ("model", "ema"):
+        net = build_dit(**ckpt["model_args"])
+        net.load_state_dict(ckpt[which])  # strict
+        assert torch.equal(net.blocks[1].ffn.w12.weight, dit[which]["blocks.1.mlp.w12.weight"])
+        assert torch.equal(net.final_adaLN[1].bias, dit[which]["final_layer.adaLN_modulation.1.bias"])
+    assert not torch.equal(ckpt["model"]["pos_embed"], ckpt["ema"]["pos_embed"])
+    qk = {"model": _released_tiny_dit(qk_norm=True), "ema": None, "config": {}}
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in qk["model"].items()}, "ema": None}, tmp_path / "qk.pt")
+    assert model.load_checkpoint(str(tmp_path / "qk.pt"), "dit")["model_args"]["qk_norm"] is True
+    bad_rope = _released_tiny_dit()
+    bad_rope["feat_rope.freqs_sin"] = bad_rope["feat_rope.freqs_sin"].flip(0)
+    torch.save({"model": bad_rope, "ema": None}, tmp_path / "rope.pt")
+    with pytest.raises(SystemExit, match="RoPE tables do not match"):
+        model.load_checkpoint(str(tmp_path / "rope.pt"), "dit")
+    torch.save({"model": dit["model"], "ema": None, "config": {"model": {"use_swiglu": False}}}, tmp_path / "mlp.pt")
+    with pytest.raises(SystemExit, match="only the released PAE configuration"):
+        model.load_checkpoint(str(tmp_path / "mlp.pt"), "dit")
+
+
+def test_sample_py_on_released_files(released_files, tmp_path):
+    root, _, _ = released_files
+    args = ["--preset", "tiny", "--ckpt", str(root / "dit.pt"), "--ae_ckpt", str(root / "pae.pt"), "--num_samples",
+            "6", "--num_steps", "3", "--batch_size", "6", "--out", str(tmp_path / "s.npz")]
+    with pytest.raises(SystemExit, match="--latent_stats"):
+        sample.main(args)
+    sample.main(args + ["--latent_stats", str(root / "latents_stats.pt"), "--sampler", "sde", "--cfg_scale", "1"])
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (6, 32, 32, 3) and f["labels"].tolist() == [0, 1, 2, 0, 1, 2]
+        assert len(np.unique(f["arr_0"].reshape(6, -1), axis=0)) == 6
+
+
+def test_encode_with_a_released_pae_gives_a_cache_train_dit_reads(released_files, tmp_path):
+    root, _, _ = released_files
+    train_ae.main(["--preset", "tiny", "--stage", "encode", "--ae_ckpt", str(root / "pae.pt"), "--synthetic_size",
+                   "16", "--out_dir", str(tmp_path), "--latents", str(tmp_path / "latents")])
+    cache = train_dit.LatentCache(str(tmp_path / "latents"))
+    assert (cache.count, cache.channels, cache.size) == (16, 32, 8)
+    assert cache.meta["ae_ckpt"] == str(root / "pae.pt")
+
+
+@pytest.mark.parametrize("size", ["tiny", "DINOv2-L"])
+def test_hugging_face_dinov2_and_our_vfm_agree(size):
+    """HF Dinov2WithRegistersModel (what the release runs) and our timm VFM, the same random weights."""
+    transformers = pytest.importorskip("transformers", reason="transformers is a test-only extra; CI installs it")
+    W, layers, heads, patch, image, px = (64, 2, 4, 4, 56, 32) if size == "tiny" else (1024, 24, 16, 14, 518, 256)
+    config = transformers.Dinov2WithRegistersConfig(hidden_size=W, num_hidden_layers=layers, num_attention_heads=heads,
+                                                    intermediate_size=4 * W, patch_size=patch, image_size=image,
+                                                    num_register_tokens=4, layerscale_value=1.0, layer_norm_eps=1e-6)
+    torch.manual_seed(0)
+    hf = transformers.Dinov2WithRegistersModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # LayerNorm, layer scale and biases away from their init
+    hf.layernorm.weight = hf.layernorm.bias = None  # the release's Dinov2withNorm(normalize=True)
+    state = {k: v for k, v in hf.state_dict().items()}
+    renamed = {re.sub(r"attention\.(q|k|v)_proj", lambda m: "attention.attention." + dict(q="query", k="key",
+                      v="value")[m.group(1)], k).replace("attention.o_proj", "attention.output.dense"): v
+               for k, v in state.items()}  # the transformers-4 names the authors' files carry
+    vfm = model.VFM("tiny" if size == "tiny" else "dinov2", pretrained=False)
+    images = _images(2, px)
+    pixels = F.interpolate(images, size=vfm.input_size, mode="bicubic", align_corners=False) if px != vfm.input_size \
+        else images
+    with torch.no_grad():
+        reference = hf((pixels - vfm.mean) / vfm.std).last_hidden_state[:, 5:]
+        for names in (state, renamed):
+            vfm.net.load_state_dict(model.convert_released_dinov2(names, vfm))
+            torch.testing.assert_close(vfm(images), reference, rtol=0, atol=1e-5)
+
+
+
 
 # -----------------------------------------------------------------------------
 # data
@@ -551,14 +827,15 @@ def test_encode_deterministic_same_with_one_process_and_refuses_overwrite(pipeli
     assert os.path.isfile(root / "latents1" / "meta.json")
 
 
-def test_eval_stage_reports_psnr_rfid_lpc_gsq(pipeline):
+def test_eval_stage_reports_psnr_ssim_rfid_lpc_gsq(pipeline):
     root, _ = pipeline
     out_dir = root / "ae"
     _run(["train_ae.py", *FAST, "--stage", "eval", "--out_dir", str(out_dir), "--fid_weights", "random"],
          nproc=2)  # metrics reduced over ranks
     saved = json.load(open(out_dir / "eval.json"))
-    assert saved["images"] == 8 and set(saved) >= {"psnr", "rfid", "lpc", "gsq", "gsq_std"}
+    assert saved["images"] == 8 and set(saved) >= {"psnr", "ssim", "rfid", "lpc", "gsq", "gsq_std"}
     assert 0 < saved["psnr"] < 60 and saved["rfid"] >= 0 and saved["lpc"] > 0 and 0 <= saved["gsq"] <= 1
+    assert 0 < saved["ssim"] < 1
 
 
 def test_mistaken_rerun_changes_nothing(tmp_path):
@@ -675,12 +952,12 @@ def _args(tmp_path, dit_path, name="samples", **extra):
 # samplers
 
 
-def test_time_grid_shift_endpoints_and_monotone():
-    grid = sample.time_grid(250, 0.4)
+def test_shifted_grid_endpoints_and_monotone():
+    grid = sample.shifted_grid(0.0, 1.0, 250, 0.4).tolist()
     assert len(grid) == 250 and grid[0] == 0.0 and grid[-1] == 1.0
     assert all(b > a for a, b in zip(grid[:-1], grid[1:]))
     assert all(g <= u for g, u in zip(grid, np.linspace(0, 1, 250)))  # s < 1 spends more points near noise
-    assert sample.time_grid(3, 0.4)[1] == pytest.approx(0.4 * 0.5 / (1 - 0.6 * 0.5))
+    assert grid[1] == pytest.approx(0.4 * (1 / 249) / (1 - 0.6 * (1 / 249)))
 
 
 def test_euler_ode_reproduces_gaussian_target():
@@ -689,7 +966,8 @@ def test_euler_ode_reproduces_gaussian_target():
     probes = torch.cat([torch.zeros(1, 3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)])
     errors = []
     for num_steps in (250, 500):
-        out = sample.euler_ode(velocity, probes, sample.time_grid(num_steps, 0.4))
+        out = sample.ode_sample(velocity, probes, num_steps, 0.4)
+        assert out.dtype == torch.float64
         a = (out[1:] - out[0]).T
         assert torch.allclose(out[0], mu, atol=1e-10)
         errors.append((a @ a.T - sigma).abs().max().item() / sigma.abs().max().item())
@@ -697,19 +975,42 @@ def test_euler_ode_reproduces_gaussian_target():
     assert errors[1] == pytest.approx(errors[0] / 2, rel=0.05)  # first order: twice the steps, half the error
 
 
-def test_euler_maruyama_matches_gaussian_target_statistically():
+def test_sde_is_the_released_sbdm_sampler():
+    """w(t) = (1 - t)/t, drift 2v - x/t; grid shift(linspace(1e-5, 0.996)); last mean step taken at t = 0.996."""
+    t = torch.tensor([1e-5, 0.01, 0.3, 0.9, 0.996], dtype=torch.float64)
+    torch.testing.assert_close(sample.sbdm_diffusion(t), (1 - t) / t, rtol=1e-14, atol=0)
+    x, v = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    for ti in t:
+        torch.testing.assert_close(sample.sbdm_drift(lambda x_, t_: v, x, ti), 2 * v - x / ti, rtol=1e-12, atol=1e-9)
+    seen = []
+    sample.sde_sample(lambda x_, t_: seen.append(t_) or torch.zeros_like(x_), x, 250, 0.4, lambda i: torch.zeros_like(x))
+    shift = lambda s: 0.4 * s / (1 - 0.6 * s)  # noqa: E731
+    assert len(seen) == 250 and all(type(s) is float for s in seen)  # 249 Euler-Maruyama steps + the mean step
+    grid = sample.shifted_grid(1e-5, 0.996, 250, 0.4).tolist()
+    assert grid[0] == pytest.approx(shift(1e-5), rel=1e-12) and grid[-1] == pytest.approx(shift(0.996), rel=1e-12)
+    assert seen[:-1] == grid[:-1]  # one Euler-Maruyama step from each grid point to the next
+    assert seen[-1] == 0.996  # the mean step's drift is evaluated at the unshifted end of the grid
+    x0, n, c = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), 0.7
+    t0, t1 = shift(1e-5), shift(0.996)  # two grid points: one Euler-Maruyama step, then the mean step
+    x1 = x0 + (2 * c - x0 / t0) * (t1 - t0) + math.sqrt(2 * (1 - t0) / t0 * (t1 - t0)) * n
+    want = x1 + (2 * c - x1 / 0.996) * 0.004
+    out = sample.sde_sample(lambda x_, t_: torch.full_like(x_, c), x0, 2, 0.4, lambda i: n)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+def test_sde_matches_gaussian_target_statistically():
     mu, sigma, velocity = _gaussian_target()
     n = 8000
     gen = torch.Generator().manual_seed(1)
     x0 = torch.randn(n, 3, generator=gen, dtype=torch.float64)
     noise = lambda i: torch.randn(n, 3, generator=gen, dtype=torch.float64)  # noqa: E731
-    out = sample.euler_maruyama(velocity, x0, sample.time_grid(250, 0.4), noise, 0.004)
+    out = sample.sde_sample(velocity, x0, 250, 0.4, noise)
     var = torch.diag(sigma)
     assert ((out.mean(0) - mu).abs() < 4 * (var / n).sqrt()).all()
     cov_sd = ((var[:, None] * var[None] + sigma ** 2) / n).sqrt()  # sampling s.d. of each covariance entry
     assert ((torch.cov(out.T) - sigma).abs() < 5 * cov_sd + 0.01 * sigma.abs().max()).all()
-    again = sample.euler_maruyama(velocity, x0[:100], sample.time_grid(250, 0.4),
-                                  lambda i: torch.randn(100, 3, generator=gen, dtype=torch.float64), 0.004)
+    again = sample.sde_sample(velocity, x0[:100], 250, 0.4,
+                              lambda i: torch.randn(100, 3, generator=gen, dtype=torch.float64))
     assert (again - out[:100]).abs().mean() > 0.1  # the path noise matters: not the ODE in disguise
 
 
@@ -727,9 +1028,25 @@ def test_cfg_scale_one_interval_and_batched_guidance():
         assert torch.equal(below, v_cond)
 
 
-def test_uint8_conversion_rounds_and_clamps():
+def test_uint8_conversion_truncates_as_released_or_rounds():
     images = torch.tensor([0.4, 0.6, 254.4, 254.6, 300.0, -9.0]).div(255).view(1, 1, 1, 6).expand(1, 3, 1, 6)
-    assert sample.to_uint8(images)[0, 0, :, 0].tolist() == [0, 1, 254, 255, 255, 0]
+    assert sample.to_uint8(images)[0, 0, :, 0].tolist() == [0, 0, 254, 254, 255, 0]  # the default: truncation
+    assert sample.to_uint8(images, "round")[0, 0, :, 0].tolist() == [0, 1, 254, 255, 255, 0]
+
+
+def test_decoder_precision_as_released():
+    """bf16: the decoder's weights in bf16 under a bf16 autocast, the final de-normalisation in fp32."""
+    torch.manual_seed(0)
+    pae = build_pae(preset="tiny").eval()
+    latent = model.sphere(torch.randn(2, 32, 8, 8))
+    with torch.no_grad():
+        fp32 = sample.decode(pae, latent, "fp32")
+        sample.prepare_decoder(pae, "bf16")
+        assert {p.dtype for p in pae.decoder.parameters()} == {torch.bfloat16} == \
+               {p.dtype for p in pae.deprojector.parameters()}
+        assert pae.vfm.std.dtype == torch.float32
+        bf16 = sample.decode(pae, latent, "bf16")
+    assert bf16.dtype == torch.float32 and 0 < (bf16 - fp32).abs().max() < 0.1
 
 
 def test_classes_are_balanced_or_chosen():
@@ -760,10 +1077,11 @@ def test_sample_tiny_end_to_end(tmp_path):
     ema.load_state_dict(ckpt["ema"])
     cfg = sample.parse_config(sample.Config, _args(tmp_path, dit_path), sample.PRESETS)
     shape = (meta["channels"], meta["size"], meta["size"])
-    with torch.no_grad():  # sample 7 by hand: EMA weights, its own noise, z * std + mean, the PAE decoder, rounding
+    with torch.no_grad():  # sample 7 by hand: EMA, its own noise, z * std + mean, bf16 decoder, truncation
         latent = sample.sample_latents(ema.eval(), [7], [7 % 3], shape, cfg, 3, torch.device("cpu"))
         mean, std = (torch.tensor(meta[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
-        expected = sample.to_uint8(pae.eval().decode(latent * std + mean))[0]
+        pae = sample.prepare_decoder(pae.eval(), "bf16")
+        expected = sample.to_uint8(sample.decode(pae, latent * std + mean, "bf16"))[0]
     assert np.abs(expected.astype(int) - images[7]).max() <= 1
     sample.main(_args(tmp_path, dit_path, name="rebatched", batch_size=4))
     with np.load(tmp_path / "rebatched.npz") as f:  # noise is per global index: batching changes nothing
@@ -831,7 +1149,8 @@ def test_sample_errors(tmp_path):
         (dict(num_samples=10), "not a positive multiple of the 3 classes"),
         (dict(labels="1,3"), "outside 0..2"),
         (dict(labels="1,x"), "outside 0..2"),
-        (dict(sampler="heun"), "unknown sampler"),
+        (dict(sampler="heun"), "unknown --sampler"),
+        (dict(to_uint8="floor"), "unknown --to_uint8"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit, match=message):

@@ -516,6 +516,11 @@ def psnr(recon01, images01):
     return 10 * torch.log10(255 ** 2 / mse.clamp_min(1e-10))
 
 
+def ssim(recon01, images01):
+    """Per-image SSIM of the same 8-bit images as psnr (losses.ssim: Gaussian window 11, sigma 1.5)."""
+    return losses.ssim((recon01.clamp(0, 1) * 255).round() / 255, (images01 * 255).round() / 255)
+
+
 @torch.no_grad()
 def write_grid(cfg, pae, dataset, path, device):
     """PNG rows: input | reconstruction | decodings of the 42.5 and 85 degree perturbed latents (SPEC §5)."""
@@ -529,11 +534,11 @@ def write_grid(cfg, pae, dataset, path, device):
 
 @torch.no_grad()
 def evaluate(cfg, d, pae, dataset, count, lpips_net=None, inception=None):
-    """Reconstruct images 0..count-1 of the dataset, split over the ranks. Returns {"psnr"}, plus "lpc" (first
+    """Reconstruct images 0..count-1 of the dataset, split over the ranks. Returns {"psnr", "ssim"}, plus "lpc" (first
     lpc_images images) and "gsq" with an LPIPS net, plus "rfid" with an Inception net from fid.py."""
     lo, hi = d.rank * count // d.world_size, (d.rank + 1) * count // d.world_size
     batch = cfg.micro_batch_size or max(1, cfg.batch_size // d.world_size)
-    sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # PSNR sum, LPC sum
+    sums = torch.zeros(3, dtype=torch.float64, device=d.device)  # PSNR sum, LPC sum, SSIM sum
     moments = [torch.zeros(2048, dtype=torch.float64, device=d.device) for _ in range(2)]  # sum x: real, recon
     cross = [torch.zeros(2048, 2048, dtype=torch.float64, device=d.device) for _ in range(2)]  # sum x x^T
     pooled, labels = [], []
@@ -547,6 +552,7 @@ def evaluate(cfg, d, pae, dataset, count, lpips_net=None, inception=None):
             latent = pae.encode(x)
             recon = pae.decode(latent).float().clamp(0, 1)
         sums[0] += psnr(recon, x).double().sum()
+        sums[2] += ssim(recon, x).double().sum()
         pooled.append(latent.float().mean((2, 3)).cpu())  # (B, C) for GSQ
         labels.append(y)
         n = min(len(x), cfg.lpc_images - i)
@@ -563,7 +569,7 @@ def evaluate(cfg, d, pae, dataset, count, lpips_net=None, inception=None):
         i += len(x)
     pae.train(was_training)
     sums = d.all_reduce_mean(sums) * d.world_size
-    results = {"psnr": sums[0].item() / count}
+    results = {"psnr": sums[0].item() / count, "ssim": sums[2].item() / count}
     if lpips_net is not None:
         results["lpc"] = sums[1].item() / min(count, cfg.lpc_images)
         results["gsq"], results["gsq_std"] = gsq(d, torch.cat(pooled), torch.cat(labels), cfg.seed)
