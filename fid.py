@@ -1,5 +1,5 @@
 r"""
-FID, sFID, Inception Score, Precision and Recall as the ADM evaluator computes them, in plain PyTorch (SPEC §10).
+FID, sFID, Inception Score, Precision and Recall as the ADM evaluator computes them, in plain PyTorch.
 
 CPU smoke run:  python fid.py samples.npz --ref samples.npz --preset tiny
 One GPU:        python fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz
@@ -20,7 +20,6 @@ each rank extracts its share of the images and the features are gathered. Prints
 
 import copy
 import glob
-import hashlib
 import json
 import os
 import struct
@@ -38,9 +37,8 @@ from PIL import Image
 from scipy.special import log_softmax, rel_entr
 from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB, InceptionC,
                                           InceptionD, InceptionE)
-from tqdm import tqdm
 
-from model import Dist, atomic_write, fail, parse_config, print0
+from model import DEVICES, Dist, atomic_write, check_output, fail, file_digest, parse_config, print0, progress
 
 # -----------------------------------------------------------------------------
 # config
@@ -51,15 +49,20 @@ class Config:
     samples: str = ""  # images to score: .npz (arr_0), folder, or statistics .npz; may also come first, flag-less
     ref: str = ""  # reference, same kinds (VIRTUAL_imagenet256_labeled.npz for published numbers); "" = IS only
     save_stats: str = ""  # write the samples' statistics (mu, sigma, mu_s, sigma_s, pool) to this .npz
+    overwrite: bool = False  # replace an existing --save_stats file (else refused)
     weights: str = ""  # local pt_inception-2015-12-05-6726825d.pth; "" = download once into the torch hub cache
     batch_size: int = 256  # global images per forward pass, split evenly over the ranks
     preset: str = "paper"  # paper | tiny (batch 32, for a CPU laptop)
+    device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda
+
+    CHOICES = {"device": DEVICES}
+    POSITIVE = ("batch_size",)
 
 
 PRESETS = {"paper": {}, "tiny": {"batch_size": 32}}
 
 # -----------------------------------------------------------------------------
-# the FID Inception-v3: torchvision's Inception3 layout with the TF graph's pooling (SPEC §10)
+# the FID Inception-v3: torchvision's Inception3 layout with the TF graph's pooling
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")  # the TF graph's weights, ported by pytorch-fid
@@ -136,17 +139,14 @@ def random_state_dict(net, seed=0):
     return state
 
 
-def weights_file(weights):
-    """Path of the weight file: `weights` itself (hash checked, warned about) or the hub cache copy (downloaded)."""
+def weights_file(weights, flag="--weights"):
+    """Path of the weight file: `weights` itself (hash checked, warned about) or the hub cache copy (downloaded).
+    flag: the option that passes a local file, named in the messages."""
     if weights:
         if not os.path.isfile(weights):
             fail(f"Inception weight file {weights} does not exist; download {WEIGHTS_URL} and pass its path "
-                 f"with --weights")
-        sha = hashlib.sha256()
-        with open(weights, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                sha.update(chunk)
-        digest = sha.hexdigest()
+                 f"with {flag}")
+        digest = file_digest(weights)
         if not digest.startswith(WEIGHTS_SHA256_PREFIX):
             print0(f"warning: {weights} has SHA-256 {digest[:8]}..., not {WEIGHTS_SHA256_PREFIX}...; scores will "
                    f"not be comparable to published ones", file=sys.stderr)
@@ -163,19 +163,20 @@ def weights_file(weights):
         dist.barrier()  # every rank waits for the download, and every rank fails alike without it
     if not os.path.isfile(path):
         fail(f"the FID Inception weights could not be downloaded ({error or 'not found after the download'}); "
-             f"download {WEIGHTS_URL} on a machine with internet access and pass it with --weights PATH (or put "
+             f"download {WEIGHTS_URL} on a machine with internet access and pass it with {flag} PATH (or put "
              f"it at {path})")
     return path
 
 
-def load_inception(weights=None, device="cpu"):
+def load_inception(weights=None, device="cpu", flag="--weights"):
     """The FID Inception in eval mode on `device`. weights: None = the standard file (downloaded once into the torch
-    hub cache), a path = a local copy of it, "random" = random_state_dict() (tests and benchmarks)."""
+    hub cache), a path = a local copy of it, "random" = random_state_dict() (tests and benchmarks). flag: the
+    caller's option for a local file, named in its messages."""
     net = FIDInception()
     if weights == "random":
         net.load_state_dict(random_state_dict(net))
     else:
-        path = weights_file(weights)
+        path = weights_file(weights, flag)
         try:
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:
@@ -233,21 +234,19 @@ def check_images(images, name):
 
 
 @torch.inference_mode()
-def inception_features(net, images, batch_size=250, progress=False):
+def inception_features(net, images, batch_size=250, show_progress=False):
     """{"pool": (N, 2048), "logits": (N, 1008), "spatial": (N, 2023)} float32 tensors on the net's device for
     uint8 NHWC images (array, tensor, memmap or ImageFolder); this process does all N (see gathered_features)."""
     check_images(images, "the images")
     device = next(net.parameters()).device
     feats = {k: [torch.empty(0, d, device=device)] for k, d in DIMS.items()}
-    with exact_fp32(), tqdm(total=len(images), disable=not progress, unit="img", desc="inception",
-                            dynamic_ncols=True) as bar:
-        for start in range(0, len(images), batch_size):
+    with exact_fp32():
+        for start in progress(range(0, len(images), batch_size), show_progress, "inception", "batch"):
             batch = images[start:start + batch_size]
             if isinstance(batch, ImageFolder):
                 batch = batch.read()
             for k, v in net(preprocess(batch, device)).items():
                 feats[k].append(v)
-            bar.update(len(batch))
     return {k: torch.cat(v) for k, v in feats.items()}
 
 
@@ -255,7 +254,7 @@ def gathered_features(net, images, batch_size):
     """inception_features() of all images on every rank: under torchrun each rank extracts a contiguous share."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     bounds = [len(images) * r // world for r in range(world + 1)]
-    feats = inception_features(net, images[bounds[rank]:bounds[rank + 1]], batch_size, progress=rank == 0)
+    feats = inception_features(net, images[bounds[rank]:bounds[rank + 1]], batch_size, show_progress=rank == 0)
     if world == 1:
         return feats
     largest = max(b - a for a, b in zip(bounds, bounds[1:]))
@@ -346,6 +345,9 @@ def statistics(source, net, batch_size=250):
     if len(images) < 2:
         fail(f"{source if isinstance(source, str) else 'the images'} hold {len(images)} image(s); FID needs at "
              f"least 2 to estimate a covariance")
+    if len(images) < DIMS["pool"]:
+        print0(f"warning: {len(images)} images, fewer than the {DIMS['pool']} Inception features: the covariance "
+               f"is rank-deficient and the FID is biased high; published numbers use 50,000", file=sys.stderr)
     feats = {k: v.double().cpu().numpy() for k, v in gathered_features(net, images, batch_size).items()}
     if isinstance(images, ImageFolder):
         failed = images.failed
@@ -381,7 +383,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         tr_covmean = torch.linalg.eigvalsh(root1 @ sigma2 @ root1).clamp(min=0).sqrt().sum()
     finally:
         torch.set_num_threads(threads)
-    return ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean).item()
+    scale = ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace()).item()
+    value = scale - 2 * tr_covmean.item()
+    if -1e-4 * scale < value < 0:  # rounding of a distance that is 0 (a set against itself): report 0
+        return 0.0
+    return value
 
 
 def inception_score(logits, split_size=5000):
@@ -443,6 +449,35 @@ def compute_metrics(samples, ref=None, net=None, batch_size=250):
 # main
 
 
+def check_source(path, what):
+    """Before the Inception pass: a folder with images, or a readable .npz of images (arr_0) or of statistics with
+    the Inception's dimensions; anything else is one sentence."""
+    if os.path.isdir(path):
+        if not ImageFolder(path).files:
+            fail(f"{what} {path} holds no image files ({', '.join(ImageFolder.EXTENSIONS)})")
+        return
+    if not os.path.isfile(path):
+        fail(f"{what} {path} does not exist; give an .npz of images, a folder of images or a statistics .npz")
+    if not path.endswith(".npz"):
+        fail(f"{what} {path} is not an .npz (images in arr_0, or mu/sigma statistics) nor a folder of images")
+    try:
+        with np.load(path) as f:
+            shapes = {k: f[k].shape for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f.files}
+            has_images = "arr_0" in f.files
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        fail(f"{what} {path} cannot be read as an .npz ({type(e).__name__})")
+    want = {"mu": (DIMS["pool"],), "sigma": (DIMS["pool"],) * 2, "mu_s": (DIMS["spatial"],),
+            "sigma_s": (DIMS["spatial"],) * 2}
+    wrong = [f"{k} {shape}" for k, shape in shapes.items() if shape != want[k]]
+    if wrong:
+        fail(f"{what} {path} holds statistics of other dimensions ({', '.join(wrong)}; FID Inception: mu "
+             f"{want['mu']}, mu_s {want['mu_s']}); they come from another network")
+    if "mu" not in shapes:
+        if not has_images:
+            fail(f"{what} {path} has no arr_0 (uint8 N x H x W x 3 images) and no mu/sigma statistics")
+        check_images(npz_images(path), f"{what} {path}: arr_0")
+
+
 def main():
     argv = sys.argv[1:]
     if argv and not argv[0].startswith("-"):
@@ -450,10 +485,12 @@ def main():
     cfg = parse_config(Config, argv, PRESETS)
     if not cfg.samples:
         fail("give the images to score: python fid.py SAMPLES [--ref REF] (see --help)")
-    for path in (cfg.samples, cfg.ref):  # before the weights load (or download)
-        if path and not os.path.exists(path):
-            fail(f"{path} does not exist; give an .npz of images, a folder of images or a statistics .npz")
-    ddp = Dist()
+    for path, what in ((cfg.samples, "SAMPLES"), (cfg.ref, "--ref")):  # before the weights load (or download)
+        if path:
+            check_source(path, what)
+    if cfg.save_stats:
+        check_output(cfg.save_stats, cfg.overwrite, inputs=(cfg.samples, cfg.ref, cfg.weights))
+    ddp = Dist(cfg.device)
     if cfg.batch_size % ddp.world_size:
         fail(f"--batch_size {cfg.batch_size} is not divisible by the {ddp.world_size} ranks")
     torch.backends.cudnn.benchmark = True  # fixed input shape: let cuDNN pick its fastest fp32 kernels

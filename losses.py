@@ -2,22 +2,23 @@
 PAE reference implementation: every loss.
 
 Sections (each marked with a banner):
-  1. flow matching       (SPEC §8)   timestep sampling and the velocity loss of the DiT
-  2. LPIPS               (SPEC §5)   VGG16 + the v0.1 linear calibration layers
-  3. tokenizer losses    (SPEC §5)   GAN, SSR, MCR, SCR, the total PAE loss; the refine-stage loss (SPEC §4.6)
-  4. diagnostics         (SPEC §13)  LPC and GSQ of a latent space, SSIM of reconstructions
+  1. flow matching       timestep sampling and the velocity loss of the DiT
+  2. LPIPS               VGG16 + the v0.1 linear calibration layers
+  3. tokenizer losses    GAN, SSR, MCR, SCR, the total PAE loss; the refine-stage loss
+  4. diagnostics         LPC and GSQ of a latent space, SSIM of reconstructions
 """
 
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import fail, print0, structural_target
+from model import fail, file_digest, notice, structural_target
 
 # -----------------------------------------------------------------------------
-# 1. flow matching (SPEC §8). t = 0 is noise, t = 1 is data: x_t = t*x1 + (1-t)*x0, v = x1 - x0.
+# 1. flow matching. t = 0 is noise, t = 1 is data: x_t = t*x1 + (1-t)*x0, v = x1 - x0.
 
 
 def shift_time(t, shift):
@@ -40,10 +41,38 @@ def flow_matching_loss(velocity_pred, velocity):
 
 
 # -----------------------------------------------------------------------------
-# 2. LPIPS (SPEC §5): VGG16 features, unit-normalised per position, squared difference, v0.1 linear layers
+# 2. LPIPS: VGG16 features, unit-normalised per position, squared difference, v0.1 linear layers
 
 LPIPS_LIN_URL = "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/weights/v0.1/vgg.pth"
+LPIPS_LIN_SHA256 = "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"  # the v0.1 file, 7,289 bytes
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+VGG16_SHA256 = "397923af"  # torchvision names its files by the leading digits of their SHA-256, and checks those
 VGG16_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]  # torchvision's
+
+
+def _load_weights(path, url, sha256, flag, what):
+    """A weight file as a state dict, never unpickling code (weights_only=True): the local `path`, or the torch
+    hub cache's copy of `url` (downloaded once) whose SHA-256 must start with `sha256`."""
+    if not path:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+        if not os.path.isfile(path):
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.hub.download_url_to_file(url, path, progress=False)
+            except Exception as e:
+                fail(f"the {what} could not be downloaded ({type(e).__name__}); download {url} once on a machine "
+                     f"with internet access into {os.path.dirname(path)} or pass its path with {flag}")
+        digest = file_digest(path)
+        if not digest.startswith(sha256):
+            fail(f"{path} is not the published {what} file (SHA-256 {digest[:16]}..., expected {sha256[:16]}...); "
+                 f"delete it so it is downloaded again, or pass a verified copy with {flag}")
+    elif not os.path.isfile(path):
+        fail(f"{flag} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} cannot be loaded as plain weights ({type(e).__name__}); it is not the {what} file, and a "
+             f"file that needs more than a weights-only load is refused")
 
 
 class LPIPS(nn.Module):
@@ -70,7 +99,7 @@ class LPIPS(nn.Module):
         if pretrained or vgg_weights:
             self.vgg.load_state_dict(self._vgg_state(vgg_weights))
         else:
-            print0("LPIPS: random VGG16 weights (no pretrained weights requested): distances are not calibrated")
+            notice("LPIPS: random VGG16 weights (no pretrained weights requested): distances are not calibrated")
         if pretrained or lin_weights:
             self.lins.load_state_dict(self._lin_state(lin_weights))
         self.requires_grad_(False).eval()
@@ -80,28 +109,16 @@ class LPIPS(nn.Module):
 
     @staticmethod
     def _vgg_state(path):
-        try:
-            if path:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            else:
-                from torchvision.models import VGG16_Weights
-                state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-        except Exception as e:
-            fail(f"VGG16 ImageNet weights for LPIPS could not be loaded ({type(e).__name__}); download "
-                 f"torchvision's vgg16-397923af.pth once into the torch hub cache (~/.cache/torch/hub/checkpoints) "
-                 f"or pass its path with --lpips_vgg_weights")
+        state = _load_weights(path, VGG16_URL, VGG16_SHA256, "--lpips_vgg_weights", "VGG16 ImageNet weights for LPIPS")
         return {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
 
     @staticmethod
     def _lin_state(path):
+        state = _load_weights(path, LPIPS_LIN_URL, LPIPS_LIN_SHA256, "--lpips_lin_weights", "LPIPS v0.1 linear layers")
         try:
-            state = (torch.load(path, map_location="cpu", weights_only=True) if path else
-                     torch.hub.load_state_dict_from_url(LPIPS_LIN_URL, map_location="cpu", progress=False))
-        except Exception as e:
-            fail(f"LPIPS v0.1 linear weights could not be loaded ({type(e).__name__}); download {LPIPS_LIN_URL} "
-                 f"once into the torch hub cache (~/.cache/torch/hub/checkpoints/vgg.pth) or pass its path with "
-                 f"--lpips_lin_weights")
-        return {f"{i}.weight": state[f"lin{i}.model.1.weight"] for i in range(5)}
+            return {f"{i}.weight": state[f"lin{i}.model.1.weight"] for i in range(5)}
+        except KeyError as e:
+            fail(f"the LPIPS linear-layer file lacks {e}; it is not the v0.1 vgg.pth")
 
     def features(self, images):
         """Unit-normalised (along channels) VGG16 features at the five LPIPS taps."""
@@ -118,7 +135,7 @@ class LPIPS(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 3. tokenizer losses (SPEC §5); latent tokens are (B, N, 32), pixels in [-1, 1], every loss in fp32
+# 3. tokenizer losses; latent tokens are (B, N, 32), pixels in [-1, 1], every loss in fp32
 
 
 def hinge_d_loss(real_logits, fake_logits):
@@ -151,7 +168,7 @@ def l1_lpips(pred, target, lpips_net):
 
 
 def mcr_loss(recon, rotated, lpips_net):
-    """Cascaded manifold continuity (SPEC §5): each rotated decoding matches the next-less-perturbed one, which is
+    """Cascaded manifold continuity: each rotated decoding matches the next-less-perturbed one, which is
     detached: [L1 + LPIPS](x_m, sg(x_r)) + [L1 + LPIPS](x_l, sg(x_m)). Images in [-1, 1]; one LPIPS pass."""
     targets = [recon.detach()] + [x.detach() for x in rotated[:-1]]
     return l1_lpips(torch.cat(rotated), torch.cat(targets), lpips_net).sum() / len(recon)
@@ -159,7 +176,7 @@ def mcr_loss(recon, rotated, lpips_net):
 
 def pae_loss(out, images01, lpips_net, refiner=None, disc=None, l1=1.0, lpips=1.0, gan=0.5, ssr=0.2, mcr=0.5,
              scr=1.0, upsample="bilateral", lowpass=0.4):
-    """Total tokenizer loss (SPEC §5) from out = pae(images01, thetas_deg=(42.5, 85.0)) -> (total, parts). The GAN
+    """Total tokenizer loss from out = pae(images01, thetas_deg=(42.5, 85.0)) -> (total, parts). The GAN
     term is on only when a discriminator is passed (after disc_start); SCR needs the frozen refiner (P_t); a zero
     weight skips its term. parts: the unweighted terms, detached fp32 scalars for the log."""
     x, recon = images01.float() * 2 - 1, out["recon"].float() * 2 - 1
@@ -185,7 +202,7 @@ def pae_loss(out, images01, lpips_net, refiner=None, disc=None, l1=1.0, lpips=1.
 
 
 def refine_loss(refiner, vfm_tokens, H_ref, gram_weight):
-    """L_refine = ||Q_t(P_t(H)) - H||^2 (mean) + gram_weight * mean((Gram(Z_T) - Gram(H_ref))^2)  (SPEC §4.6)."""
+    """L_refine = ||Q_t(P_t(H)) - H||^2 (mean) + gram_weight * mean((Gram(Z_T) - Gram(H_ref))^2) ."""
     z_t = refiner.target(vfm_tokens)
     rec = (refiner.reconstruct(z_t).float() - vfm_tokens.float()).pow(2).mean()
     structure = ssr_loss(z_t, H_ref)
@@ -193,7 +210,7 @@ def refine_loss(refiner, vfm_tokens, H_ref, gram_weight):
 
 
 # -----------------------------------------------------------------------------
-# 4. latent-space diagnostics (SPEC §13)
+# 4. latent-space diagnostics
 
 
 @torch.no_grad()

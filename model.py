@@ -2,22 +2,27 @@
 PAE reference implementation: every network, plus a short section of shared plumbing.
 
 Sections (each marked with a banner):
-  1. LightningDiT        (SPEC §7)    the flow-matching generator trained on PAE latents
-  2. PAE tokenizer       (SPEC §4)    frozen VFM, DAM, spherical latent, ViT decoder, build_pae
-  3. prior refinement    (SPEC §4.6)  P_t, Q_t and the structural target H_ref
-  4. PatchGAN            (SPEC §5)    the discriminator of the GAN loss
-  5. released checkpoints             the authors' PAE and DiT files, converted in memory by load_checkpoint
-  6. shared plumbing                  config parsing, dist setup/teardown, print0, checkpoints, FLOPs
+  1. LightningDiT        the flow-matching generator trained on PAE latents
+  2. PAE tokenizer       frozen VFM, DAM, spherical latent, ViT decoder, build_pae
+  3. prior refinement    P_t, Q_t and the structural target H_ref
+  4. PatchGAN            the discriminator of the GAN loss
+  5. released checkpoints the authors' PAE and DiT files, converted in memory by load_checkpoint
+  6. shared plumbing     config parsing and validation, dist, print0, checkpoints, guards, locks, FLOPs
 """
 
 import argparse
+import atexit
 import dataclasses
 import datetime
+import hashlib
+import inspect
 import json
 import math
 import os
 import re
+import socket
 import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 # -----------------------------------------------------------------------------
-# 1. LightningDiT (SPEC §7)
+# 1. LightningDiT
 
 
 def sincos_2d(dim, grid):
@@ -71,7 +76,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):  # computed in fp32 (SPEC §7)
+    def forward(self, x):  # computed in fp32, as released
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).type_as(x)
 
@@ -185,33 +190,38 @@ class LightningDiT(nn.Module):
         return h.reshape(B, C, g * p, g * p)
 
 
-DIT_PRESETS = {  # name: (hidden, depth, heads), SPEC §7
+DIT_PRESETS = {  # name: (hidden, depth, heads), LightningDiT's
     "tiny": (64, 2, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16),
 }
 
 
-def build_dit(preset, in_channels=32, input_size=16, **overrides):
-    """preset: 'XL/1', 'B/2', ... (size/patch) -> LightningDiT. overrides: num_classes, qk_norm, grad_ckpt."""
+def dit_preset(preset):
+    """'XL/1', 'B/2', ... (size/patch) -> (hidden, depth, heads, patch), or one sentence listing the valid names."""
     size, _, patch = preset.partition("/")
     if size not in DIT_PRESETS or patch not in ("1", "2"):
-        raise SystemExit(f"error: unknown DiT model {preset!r}; use SIZE/PATCH with SIZE in "
-                         f"{', '.join(DIT_PRESETS)} and PATCH 1 or 2 (e.g. XL/1)")
-    dim, depth, heads = DIT_PRESETS[size]
-    return LightningDiT(in_channels, input_size, int(patch), dim, depth, heads, **overrides)
+        fail(f"unknown DiT model {preset!r}; use SIZE/PATCH with SIZE in {', '.join(DIT_PRESETS)} and PATCH 1 or 2 "
+             f"(e.g. XL/1)")
+    return (*DIT_PRESETS[size], int(patch))
+
+
+def build_dit(preset, in_channels=32, input_size=16, **overrides):
+    """preset: 'XL/1', 'B/2', ... (size/patch) -> LightningDiT. overrides: num_classes, qk_norm, grad_ckpt."""
+    dim, depth, heads, patch = dit_preset(preset)
+    return LightningDiT(in_channels, input_size, patch, dim, depth, heads, **overrides)
 
 
 # -----------------------------------------------------------------------------
-# 2. PAE tokenizer (SPEC §4): frozen VFM, DAM, spherical latent, ViT decoder
+# 2. PAE tokenizer: frozen VFM, DAM, spherical latent, ViT decoder
 
-LATENT_CHANNELS = 32  # SPEC §4.3: every latent token lies on the sphere of radius sqrt(32)
-VFM_PRESETS = {  # name: (timm model, input px), SPEC §4.1; grid = input / patch = 16 for all four
+LATENT_CHANNELS = 32  # every latent token lies on the sphere of radius sqrt(32)
+VFM_PRESETS = {  # name: (timm model, input px); grid = input / patch = 16 for all four
     "dinov2": ("vit_large_patch14_reg4_dinov2.lvd142m", 224),
     "dinov3": ("vit_large_patch16_dinov3.lvd1689m", 256),
     "siglip2": ("vit_so400m_patch16_siglip_256.v2_webli", 256),
     "mae": ("vit_large_patch16_224.mae", 256),
     "tiny": (None, 32),  # random DINOv2-style ViT (4 registers, layer scale), 2 layers, patch 4, width 64: CPU only
 }
-DECODER_PRESETS = {  # name: (width, depth, heads, mlp), SPEC §4.4
+DECODER_PRESETS = {  # name: (width, depth, heads, mlp), as released
     "tiny": (64, 2, 4, 256), "B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096), "XL": (1152, 28, 16, 4096),
 }
 
@@ -224,7 +234,7 @@ def sphere(z, dim=1):
 
 def mcr_rotate(latent, thetas_deg):
     """[z_theta for each theta]: every token rotated by exactly theta towards one random direction d shared by
-    all thetas (SPEC §5 MCR); d is orthogonal to the token, has its norm, and is drawn without gradient."""
+    all thetas (the paper's cascaded MCR); d is orthogonal to the token, has its norm, and is drawn without gradient."""
     z = latent.detach()
     d = torch.randn_like(z)
     d = d - (d * z).sum(1, keepdim=True) / z.pow(2).sum(1, keepdim=True) * z  # remove the component along z
@@ -278,7 +288,7 @@ def init_vit(module):
 
 
 class VFM(nn.Module):
-    """Frozen vision foundation model (SPEC §4.1): images01 -> last-layer patch tokens (B, N, W), no autograd."""
+    """Frozen vision foundation model: images01 -> last-layer patch tokens (B, N, W), no autograd."""
 
     def __init__(self, name, pretrained=True, weights=None):
         super().__init__()
@@ -293,7 +303,7 @@ class VFM(nn.Module):
                     img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=0, reg_tokens=4,
                     no_embed_class=True, init_values=1.0)
             mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-            print0("VFM: tiny random ViT (2 layers, width 64), no pretrained weights: for CPU tests only")
+            notice("VFM: tiny random DINOv2-style ViT (2 layers, width 64), no pretrained weights: CPU runs only")
         else:
             weights = weights if pretrained else None  # e.g. decode-only on another machine: no file needed
             if weights and not os.path.isfile(weights):
@@ -308,7 +318,7 @@ class VFM(nn.Module):
             mean, std = net.pretrained_cfg["mean"], net.pretrained_cfg["std"]
         self.width, self.heads, self.patch = net.embed_dim, net.blocks[0].attn.num_heads, net.patch_embed.patch_size[0]
         self.grid = self.input_size // self.patch
-        net.norm = nn.LayerNorm(self.width, eps=net.norm.eps, elementwise_affine=False)  # SPEC §4.1: no affine
+        net.norm = nn.LayerNorm(self.width, eps=net.norm.eps, elementwise_affine=False)  # as released: no affine
         self.net = net.requires_grad_(False).eval()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -350,7 +360,7 @@ class DAMBlock(nn.Module):
 
 
 class DAM(nn.Module):
-    """Detail-Aware Modulator (SPEC §4.2): pixel tokens attend to the VFM tokens; SFT fusion, zero at init.
+    """Detail-Aware Modulator: pixel tokens attend to the VFM tokens; SFT fusion, zero at init.
     Module initialisation is PyTorch's default, as released, except the zero SFT head and the fixed table."""
 
     def __init__(self, width, heads, patch, grid, depth=6):
@@ -396,7 +406,7 @@ class Deprojector(nn.Module):
 
 
 class ViTDecoder(nn.Module):
-    """RAE/MAE-style pixel decoder (SPEC §4.4): tokens (B, N, in_dim) -> VFM-normalised pixels (B, 3, g*p, g*p).
+    """RAE/MAE-style pixel decoder: tokens (B, N, in_dim) -> VFM-normalised pixels (B, 3, g*p, g*p).
     As released: class token starts at zero, LayerNorm eps 1e-12, PyTorch's default initialisation."""
 
     def __init__(self, in_dim, dim, depth, heads, hidden, grid, patch):
@@ -465,7 +475,7 @@ class PAE(nn.Module):
 
 
 def build_pae(vfm="dinov2", decoder="L", pretrained=True, preset=None, vfm_weights=None, **overrides):
-    """PAE from presets (SPEC §3.4). preset='tiny': tiny VFM, DAM and decoder for CPU. overrides: image_size (px,
+    """PAE from presets. preset='tiny': tiny VFM, DAM and decoder for CPU. overrides: image_size (px,
     default 16 per token; tiny 32), dam_depth. pretrained=False skips loading VFM weights (e.g. on meta)."""
     if preset == "tiny":
         vfm, decoder, overrides = "tiny", "tiny", {"image_size": 32, "dam_depth": 2, **overrides}
@@ -498,11 +508,11 @@ def pae_from_checkpoint(path, device="cpu", decode_only=False):
 
 
 # -----------------------------------------------------------------------------
-# 3. VFM prior refinement (SPEC §4.6): targets Z_T = P_t(H_vfm), H_hat = Q_t(Z_T), structural target H_ref
+# 3. VFM prior refinement: targets Z_T = P_t(H_vfm), H_hat = Q_t(Z_T), structural target H_ref
 
 
 class PriorRefiner(nn.Module):
-    """P_t: RMS-normalised VFM tokens -> one ViT block -> linear W -> 32 -> sphere  [our reading, SPEC §4.6].
+    """P_t: RMS-normalised VFM tokens -> one ViT block -> linear W -> 32 -> sphere  [our reading].
     Q_t: linear 32 -> W -> `depth` ViT blocks -> LayerNorm -> linear W -> W."""
 
     def __init__(self, vfm_width, depth=4):
@@ -575,7 +585,7 @@ def _structural_mixing(images01, g, upsample, lowpass):
 
 @torch.no_grad()
 def structural_target(images01, vfm_tokens, upsample="bilateral", lowpass=0.4):
-    """H_ref (B, N, W) (SPEC §4.6): VFM tokens up-sampled to the image resolution (256 px: 16 px per token) guided
+    """H_ref (B, N, W): VFM tokens up-sampled to the image resolution (256 px: 16 px per token) guided
     by the image, low-pass filtered, bilinear down to the token grid. The low-pass is a Gaussian blur with sigma =
     lowpass tokens (0.4 * 16 = 6.4 px at 256 px). The whole map is linear in the tokens, so we push the identity
     through it once per image, giving an (N, N) mixing matrix, and apply that to the tokens."""
@@ -588,7 +598,7 @@ def structural_target(images01, vfm_tokens, upsample="bilateral", lowpass=0.4):
 
 
 # -----------------------------------------------------------------------------
-# 4. PatchGAN discriminator (SPEC §5)
+# 4. PatchGAN discriminator
 
 
 class PatchDiscriminator(nn.Module):
@@ -846,7 +856,8 @@ CKPT_VERSION = 2  # 2: the released PAE architecture (DAM fusion, attention bias
 
 
 def fail(message):
-    """A user-caused error: one sentence on stderr, exit status 1, no traceback."""
+    """A user-caused error: one sentence on stderr, exit status 1, no traceback (and this run's folder locks freed)."""
+    release_locks()
     raise SystemExit(f"error: {message}")
 
 
@@ -857,43 +868,121 @@ def _parse_bool(text):
     return table[text.lower()]
 
 
+def _field_comments(cls):
+    """{field: the comment written beside it in the Config source}, the text of each flag's --help."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    return comments
+
+
 def parse_config(cls, argv=None, presets=None):
-    """Dataclass -> argparse. `--preset NAME` applies presets[NAME] first; explicit flags win over it."""
+    """Dataclass -> argparse, then validation, before anything is loaded or written. `--preset NAME` applies
+    presets[NAME] first; explicit flags win over it. Each flag's help is the comment beside its field. The Config
+    may declare CHOICES {field: valid values}, POSITIVE (fields > 0) and NONNEGATIVE (fields >= 0); every float
+    must be finite. A bad value is one sentence and exit status 1."""
+    comments = _field_comments(cls)
+    choices = {**getattr(cls, "CHOICES", {}), **({"preset": tuple(presets)} if presets else {})}
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(cls):
         kind = field.type if isinstance(field.type, type) else eval(field.type)
+        valid = f" [one of: {', '.join(repr(c) for c in choices[field.name])}]" if field.name in choices else ""
+        text = f"{comments.get(field.name, '')}{valid} (default: {field.default!r})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(f"--{field.name}", type=_parse_bool, nargs="?", const=True,
-                                default=argparse.SUPPRESS, help=f"(default: {field.default})")
+                                default=argparse.SUPPRESS, help=text, metavar="true|false")
         else:
-            parser.add_argument(f"--{field.name}", type=kind, default=argparse.SUPPRESS,
-                                help=f"(default: {field.default!r})")
+            parser.add_argument(f"--{field.name}", type=kind, default=argparse.SUPPRESS, help=text)
     given = vars(parser.parse_args(argv))
     values = {}
     preset = given.get("preset", getattr(cls, "preset", None))
     if presets is not None and preset is not None:
         if preset not in presets:
-            fail(f"unknown preset {preset!r}; valid presets: {', '.join(presets)}")
+            fail(f"unknown --preset {preset!r}; valid values: {', '.join(presets)}")
         values.update(presets[preset])
     values.update(given)
-    return cls(**values)
+    cfg = cls(**values)
+    for name, valid in choices.items():
+        if getattr(cfg, name) not in valid:
+            fail(f"unknown --{name} {getattr(cfg, name)!r}; valid values: {', '.join(map(repr, valid))}")
+    for field in dataclasses.fields(cls):
+        value = getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{field.name} {value} is not a finite number")
+        if field.name in getattr(cls, "POSITIVE", ()) and not value > 0:
+            fail(f"--{field.name} must be greater than 0, got {value}")
+        if field.name in getattr(cls, "NONNEGATIVE", ()) and not value >= 0:
+            fail(f"--{field.name} must be 0 or more, got {value}")
+    return cfg
 
 
 def save_config(cfg, out_dir, name="config.json"):
+    """The resolved config as JSON, tagged with the program; a folder holding another program's run is refused."""
+    path, program = os.path.join(out_dir, name), os.path.basename(sys.modules[type(cfg).__module__].__file__)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                owner = json.load(f).get("program", program)
+        except (OSError, ValueError, AttributeError):
+            owner = "an unreadable config"
+        if owner != program:
+            fail(f"{out_dir} holds a run of {owner} ({path}); choose another --out_dir for {program}")
     os.makedirs(out_dir, exist_ok=True)
-    text = json.dumps(dataclasses.asdict(cfg), indent=2).encode()
-    atomic_write(os.path.join(out_dir, name), lambda f: f.write(text))
+    text = json.dumps({"program": program, **dataclasses.asdict(cfg)}, indent=2).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+LATENT_META_KEYS = ("ae_ckpt", "channels", "size", "count", "num_classes", "mean", "std")
+
+
+def read_latent_meta(path):
+    """A latent cache's meta.json, validated: invalid JSON, a missing key, statistics of the wrong length, not
+    finite or with a zero std each give one sentence."""
+    redo = "rerun `train_ae.py --stage encode --overwrite` for that cache"
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"{path} cannot be read as JSON ({type(e).__name__}: {e}); {redo}")
+    missing = [k for k in LATENT_META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        fail(f"{path} lacks {', '.join(missing)}; {redo}")
+    for key in ("mean", "std"):
+        stats = meta[key]
+        if not isinstance(stats, list) or len(stats) != meta["channels"]:
+            fail(f"{path}: '{key}' must list {meta['channels']} numbers (one per channel); {redo}")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in stats):
+            fail(f"{path}: '{key}' holds a value that is not a finite number; {redo}")
+    if min(meta["std"]) <= 0:
+        fail(f"{path}: a channel's std is {min(meta['std'])}, and normalising by it gives inf or NaN; {redo}")
+    return meta
+
+
+def gpu_guard(device, heavy):
+    """Before anything is allocated: `heavy` (a description of a paper-size run) on a machine without a GPU stops
+    with one sentence, unless --device cpu asks for exactly that."""
+    if heavy and device == "auto" and not torch.cuda.is_available():
+        fail(f"no GPU found, and {heavy} is far too large for a CPU; use --preset tiny for a CPU run, or pass "
+             f"--device cpu to run it on the CPU anyway")
+
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class Dist:
-    """rank / local_rank / world_size / device of this process; `python x.py` is a world of one."""
+    """rank / local_rank / world_size / device of this process; `python x.py` is a world of one.
+    device: auto (the GPU when there is one) | cpu | cuda."""
 
-    def __init__(self):
+    def __init__(self, device="auto"):
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if torch.cuda.is_available():
+        if device == "cuda" and not torch.cuda.is_available():
+            fail("--device cuda was given but no GPU is visible to PyTorch")
+        if device != "cpu" and torch.cuda.is_available():
             self.device = torch.device("cuda", self.local_rank)  # LOCAL_RANK, never RANK (multi-node)
             torch.cuda.set_device(self.device)
         else:
@@ -915,6 +1004,7 @@ class Dist:
         return tensor
 
     def teardown(self):
+        release_locks()
         if self.world_size > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -936,6 +1026,38 @@ def make_optimizer(cfg, params, device):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=device.type == "cuda")
+
+
+def progress(iterable, show=True, desc="", unit="it", total=None):
+    """A tqdm bar on a terminal; redirected to a file, one plain line per tenth of the loop instead, so a log holds
+    no carriage-return lines. show=False (other ranks): the bare iterable."""
+    if not show:
+        return iterable
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, desc=desc, unit=unit, total=total, dynamic_ncols=True)
+    return _plain_progress(iterable, desc, unit, total if total is not None else len(iterable))
+
+
+def _plain_progress(iterable, desc, unit, total):
+    start, shown = time.perf_counter(), 0
+    for i, item in enumerate(iterable, 1):
+        yield item
+        if i * 10 // max(total, 1) > shown or i == total:
+            shown = i * 10 // max(total, 1)
+            elapsed = time.perf_counter() - start
+            print(f"{desc}: {i}/{total} {unit} ({100 * i // max(total, 1)}%, {elapsed:.0f}s)", file=sys.stderr,
+                  flush=True)
+
+
+_NOTICES = set()
+
+
+def notice(message):
+    """print0 a message once per process, however many times the code path runs (e.g. a model built per stage)."""
+    if message not in _NOTICES:
+        _NOTICES.add(message)
+        print0(message)
 
 
 def print0(*args, **kwargs):
@@ -962,17 +1084,112 @@ def autocast(device):
 
 
 def atomic_write(path, write_fn):
-    """write_fn(file) into path.tmp, fsync, then rename over path: a crash never leaves a half-written file."""
+    """write_fn(file) into path.tmp, fsync, then rename over path: a crash never leaves a half-written file, and a
+    failed write (a full disk) removes the .tmp, keeps the old file and stops with one sentence."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        write_fn(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        fail(f"could not write {path} ({e.strerror or e}; is the disk full?); the previous file, if any, is unchanged")
+
+
+def check_output(path, overwrite=False, inputs=(), flag="--overwrite"):
+    """Before any work: refuse to write over an input of the same command, to replace a finished result without
+    `flag`, and to write into a folder that cannot be created or written."""
+    for source in inputs:
+        if source and os.path.abspath(source) == os.path.abspath(path) or \
+                source and os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path):
+            fail(f"{path} is also an input of this command; choose another output path")
+    if os.path.exists(path) and not overwrite:
+        fail(f"{path} already exists; pass {flag} to replace it or choose another output path")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)  # the nearest existing parent decides whether we may create the rest
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        fail(f"cannot write {path}: {folder} is not a writable folder; choose another output path")
+
+
+def check_finite(step, values, causes, saved_step=None):
+    """The non-finite guard of every loop: values {name: float}, already synchronised (a log line's interval
+    means, or the sums checked before a checkpoint). A NaN or inf stops the run before anything more is written."""
+    bad = [f"{name} = {value}" for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        kept = (f"the checkpoint of step {saved_step} is kept as it was" if saved_step else
+                "no checkpoint was written")
+        fail(f"the steps up to {step} gave a non-finite {', '.join(bad)}, so the run stops; look for {causes}; "
+             f"{kept}")
+
+
+def file_digest(path):
+    """SHA-256 of a file, hex."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def lock_dir(path):
+    """An owner file path/.lock ("pid@host") stops a second concurrent run on the same folder with one sentence. It
+    is removed at exit; one whose process is gone (same host) is taken over. Call on rank 0 only."""
+    os.makedirs(path, exist_ok=True)
+    lock, me = os.path.join(path, ".lock"), f"{os.getpid()}@{socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            with open(lock) as f:
+                owner = f.read().strip()
+            if owner == me:  # this process (an earlier main() in the same interpreter, e.g. a notebook)
+                return
+            pid, _, host = owner.partition("@")
+            if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+                os.remove(lock)  # stale: its process ended without cleaning up
+                continue
+            fail(f"{path} is in use by another run (process {owner}, see {lock}); wait for it, choose another "
+                 f"folder, or delete {lock} if that run is gone")
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        _LOCKS.add(lock)
+        return
+
+
+_LOCKS = set()
+
+
+@atexit.register
+def release_locks():
+    """Remove the owner files this process holds: at the end of a run (Dist.teardown), on a clean error (fail) and
+    at interpreter exit, so sequential runs in one process (tests, notebooks) never block each other."""
+    me = f"{os.getpid()}@{socket.gethostname()}"
+    for lock in list(_LOCKS):
+        try:
+            with open(lock) as f:
+                if f.read().strip() == me:
+                    os.remove(lock)
+        except OSError:
+            pass
+        _LOCKS.discard(lock)
 
 
 def save_checkpoint(path, kind, model, config, step, ema=None, opt=None, **extras):
-    """Schema of SPEC §3.2, from the raw (uncompiled, unwrapped) modules; call on rank 0 only."""
+    """Our checkpoint schema, from the raw (uncompiled, unwrapped) modules; call on rank 0 only."""
     ckpt = {"kind": kind, "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
             "opt": None if opt is None else opt.state_dict(), "step": step,
             "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),

@@ -1,6 +1,6 @@
 r"""
 Sample a trained LightningDiT: Euler ODE / Euler-Maruyama SDE on the shifted time grid with interval CFG,
-decoded by the PAE, written as an ADM-format .npz plus a PNG grid (SPEC §9).
+decoded by the PAE, written as an ADM-format .npz plus a PNG grid.
 
 CPU smoke run:  python sample.py --preset tiny --ckpt out/tiny/dit/ckpt.pt
 One GPU:        python sample.py --ckpt out/dit/ckpt.pt                     (50k balanced, 250-step ODE + CFG)
@@ -33,11 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 from losses import shift_time
-from model import (Dist, atomic_write, autocast, build_dit, fail, load_checkpoint, pae_from_checkpoint, parse_config,
-                   print0)
+from model import (DEVICES, Dist, atomic_write, build_dit, check_output, fail, file_digest, gpu_guard, load_checkpoint,
+                   lock_dir, pae_from_checkpoint, parse_config, print0, progress, read_latent_meta)
 
 # -----------------------------------------------------------------------------
 # config
@@ -66,8 +65,15 @@ class Config:
     batch_size: int = 250  # samples per batch on one process = one shard file; fixed, so results ignore the rank count
     seed: int = 0
     compile: bool = True  # torch.compile the DiT (GPU only)
+    overwrite: bool = False  # replace an existing OUT.npz / OUT.png (else refused)
     fid_ref: str = ""  # reference .npz for fid.py, run on the result at the end; empty = skip
     fid_weights: str = ""  # fid.py --weights: local Inception file ("random" for tests); empty = fid.py's default
+    device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda
+
+    CHOICES = {"sampler": ("ode", "sde"), "dit_precision": ("fp32", "bf16"), "decode_precision": ("fp32", "bf16"),
+               "to_uint8": ("truncate", "round"), "device": DEVICES}
+    POSITIVE = ("num_samples", "per_label", "batch_size", "time_shift", "last_step_size")
+    NONNEGATIVE = ("seed",)
 
 
 PRESETS = {
@@ -76,9 +82,6 @@ PRESETS = {
     "tiny": dict(ckpt="out/tiny/dit/ckpt.pt", out="out/tiny/samples.npz", num_samples=64, num_steps=50,
                  batch_size=16, compile=False),  # 64 = 4 of each of the 16 synthetic classes
 }
-SAMPLERS = ("ode", "sde")
-PRECISIONS = ("fp32", "bf16")
-UINT8_MODES = ("truncate", "round")
 
 # -----------------------------------------------------------------------------
 # samplers (t = 0 is noise, t = 1 is data: x_t = t*x1 + (1-t)*x0, v = x1 - x0). Both work in the dtype of x and
@@ -158,7 +161,10 @@ def classes_of(indices, num_classes, chosen, per_label):
 
 def sample_latents(model, indices, labels, shape, cfg, null_class, device):
     """Latents (B, C, H, W) of the given global sample indices, fp32; noise from one generator per sample."""
-    generators = [torch.Generator().manual_seed(cfg.seed * 2**32 + i) for i in indices]
+    # one generator per sample from (seed, index); torch's CPU generator keeps only 32 bits of its seed, so the two
+    # are mixed by a SeedSequence rather than packed into one 64-bit number
+    generators = [torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0]))
+                  for i in indices]
 
     def draw():  # (B, C, H, W), row b from sample b's own stream, so batching never changes a sample
         return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
@@ -217,6 +223,8 @@ def latent_meta(ckpt, path, latent_stats=""):
             fail(f"--latent_stats {latent_stats} cannot be read as the release's latents_stats.pt with 'mean' and "
                  f"'std' tensors ({type(e).__name__})")
         std = std / ckpt.get("latent_multiplier", 1.0)  # the release samples (x * std) / multiplier + mean
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and std.min() > 0):
+            fail(f"--latent_stats {latent_stats} holds a NaN, an inf or a zero std")
         return {"mean": mean.tolist(), "std": std.tolist(), "ae_ckpt": ""}
     if ckpt.get("released"):
         fail(f"{path} is the authors' released DiT, which holds no latent statistics: pass --latent_stats (the "
@@ -225,8 +233,7 @@ def latent_meta(ckpt, path, latent_stats=""):
     stored = ckpt.get("latent_meta")
     on_disk = None
     if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            on_disk = json.load(f)
+        on_disk = read_latent_meta(meta_path)
     if stored and on_disk and any(stored[k] != on_disk[k] for k in ("mean", "std", "ae_ckpt")):
         print0(f"warning: {meta_path} changed since {path} was trained (re-encoded?); using the statistics and AE "
                f"the DiT was trained with")
@@ -242,14 +249,12 @@ def latent_meta(ckpt, path, latent_stats=""):
 def main(argv=None):
     # --- setup
     cfg = parse_config(Config, argv, PRESETS)
-    for name, value, valid in (("sampler", cfg.sampler, SAMPLERS), ("dit_precision", cfg.dit_precision, PRECISIONS),
-                               ("decode_precision", cfg.decode_precision, PRECISIONS),
-                               ("to_uint8", cfg.to_uint8, UINT8_MODES)):
-        if value not in valid:
-            fail(f"unknown --{name} {value!r}; valid values: {', '.join(valid)}")
     if cfg.num_steps < 2:
         fail(f"--num_steps {cfg.num_steps} is too small; the time grid needs at least 2 points")
-    d = Dist()
+    png = os.path.splitext(cfg.out)[0] + ".png"
+    for path in (cfg.out, png):  # before anything is loaded: never over an input, never a finished result silently
+        check_output(path, cfg.overwrite, inputs=(cfg.ckpt, cfg.ae_ckpt, cfg.latent_stats, cfg.fid_ref))
+    d = Dist(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = True  # the release samples its fp32 DiT with TF32 matmuls
     torch.backends.cudnn.allow_tf32 = True
     print0(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -259,6 +264,7 @@ def main(argv=None):
     if "model_args" not in ckpt:
         fail(f"{cfg.ckpt} has no model_args; it was not written by train_dit.py")
     args = ckpt["model_args"]
+    gpu_guard(cfg.device, not args["preset"].startswith("tiny/") and f"sampling LightningDiT-{args['preset']}")
     weights = ckpt["ema"] if cfg.use_ema else ckpt["model"]
     if weights is None:
         fail(f"{cfg.ckpt} holds no EMA weights; pass --use_ema false to sample with the raw weights")
@@ -275,6 +281,11 @@ def main(argv=None):
     if not os.path.isfile(ae_path):
         fail(f"AE checkpoint {ae_path!r} (from {'--ae_ckpt' if cfg.ae_ckpt else 'the latent meta.json'}) does not "
              f"exist; pass --ae_ckpt PATH")
+    if meta.get("ae_sha256") and file_digest(ae_path) != meta["ae_sha256"]:  # the AE the latents were encoded with
+        if not cfg.ae_ckpt:
+            fail(f"{ae_path} changed since the DiT's latents were encoded with it (its SHA-256 differs), so it would "
+                 f"decode them wrongly; restore it, or pass --ae_ckpt {ae_path} to decode with it anyway")
+        print0(f"warning: decoding with --ae_ckpt {ae_path}, which is not the AE the DiT's latents were encoded with")
     pae = prepare_decoder(pae_from_checkpoint(ae_path, d.device, decode_only=True), cfg.decode_precision)
     channels, size, num_classes = args["in_channels"], args["input_size"], args["num_classes"]
     if pae.vfm.grid != size:
@@ -302,7 +313,8 @@ def main(argv=None):
     def shard_path(s):
         return os.path.join(shard_dir, f"{s:06d}.npz")
 
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("fid_")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if not k.startswith("fid_") and k not in ("overwrite", "device", "compile")}
     settings["ckpt_step"] = ckpt["step"]  # a DiT that trained on since an interrupted run gets fresh shards
     settings_path = os.path.join(shard_dir, "settings.json")
     if os.path.isfile(settings_path):
@@ -311,7 +323,7 @@ def main(argv=None):
                 fail(f"{shard_dir} holds shards of a run with other settings; delete it or choose another --out")
     d.barrier()
     if d.master:
-        os.makedirs(shard_dir, exist_ok=True)
+        lock_dir(shard_dir)
         atomic_write(settings_path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
     todo = [s for s in range(num_shards) if not os.path.isfile(shard_path(s))]
     d.barrier()  # every rank has listed the unfinished shards before any new one appears
@@ -321,12 +333,15 @@ def main(argv=None):
     # --- loop: this rank's share of the unfinished shards, each written as soon as it is done
     mine = todo[d.rank::d.world_size]
     t0 = time.time()
-    for s in tqdm(mine, desc="sampling", disable=not d.master):
+    for s in progress(mine, d.master, "sampling", "shard"):
         indices = range(s * cfg.batch_size, min((s + 1) * cfg.batch_size, num_samples))
         labels = classes_of(indices, num_classes, chosen, cfg.per_label)
         with torch.no_grad():
             latent = sample_latents(model, indices, labels, (channels, size, size), cfg, num_classes, d.device)
             images = decode(pae, latent * std + mean, cfg.decode_precision)  # de-normalised per channel
+        if not torch.isfinite(images).all():  # one sync per shard; black images would pass for results
+            fail(f"the samples of shard {s} are NaN or inf; the DiT weights in {cfg.ckpt}, the AE {ae_path} or the "
+                 f"latent statistics hold a NaN (or a zero std); nothing of this shard was written")
         save_npz(shard_path(s), arr_0=to_uint8(images, cfg.to_uint8), labels=np.array(labels, dtype=np.int64))
     elapsed = time.time() - t0
     done = sum(min((s + 1) * cfg.batch_size, num_samples) - s * cfg.batch_size for s in mine)
@@ -340,7 +355,7 @@ def main(argv=None):
         labels = np.concatenate([shard["labels"] for shard in shards])
         save_npz(cfg.out, arr_0=images, labels=labels)
         grid = torch.from_numpy(images[:len(chosen) * cfg.per_label if chosen else 64]).permute(0, 3, 1, 2)
-        save_image(grid.float() / 255, os.path.splitext(cfg.out)[0] + ".png", nrow=cfg.per_label if chosen else 8)
+        atomic_write(png, lambda f: save_image(grid.float() / 255, f, format="png", nrow=cfg.per_label if chosen else 8))
         shutil.rmtree(shard_dir)
         print0(f"wrote {cfg.out} (arr_0 {images.shape} uint8, labels) and {os.path.splitext(cfg.out)[0]}.png")
     d.teardown()

@@ -63,7 +63,7 @@ def _run(args, nproc=1, timeout=300):
 
 
 def _write_cache(path, count=16, channels=4, size=8, num_classes=3, seed=0):
-    """A latent cache in exactly the SPEC §3.3 format."""
+    """A latent cache in exactly the format encode writes."""
     os.makedirs(path, exist_ok=True)
     rng = np.random.default_rng(seed)
     latents = rng.standard_normal((count, 2, channels, size, size)).astype(np.float16) * 2 + 0.5
@@ -918,7 +918,7 @@ def _random_dit(num_classes=3, channels=4, size=2, seed=0):
 
 
 def _pipeline(tmp_path, num_classes=3, with_meta=True):
-    """Tiny PAE + DiT checkpoints and a latent meta.json (SPEC §3.2, §3.3); returns the DiT checkpoint path."""
+    """Tiny PAE + DiT checkpoints and a latent meta.json; returns the DiT checkpoint path."""
     torch.manual_seed(0)
     pae = build_pae(preset="tiny", pretrained=False)
     ae_path = str(tmp_path / "ae.pt")
@@ -1389,3 +1389,257 @@ def test_readme_flags_exist_in_their_scripts():
                 assert flag in allowed | TORCHRUN_FLAGS, f"README mentions --{flag} for {script or 'a script'}: {line}"
                 checked += 1
     assert checked > 40  # the README really was read
+
+
+# -----------------------------------------------------------------------------
+# nothing lost: the non-finite guard, refused overwrites, validated flags, safe loads
+
+
+def _bytes(*paths):
+    return {str(p): open(p, "rb").read() for p in paths}
+
+
+def test_nan_in_the_latent_cache_stops_train_dit_and_keeps_the_checkpoint(tmp_path):
+    cache = _write_cache(tmp_path / "latents")
+    train_dit.main(_dit_args(tmp_path, cache, max_steps=3, ckpt_every=3))
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    before = _bytes(ckpt)
+    latents = np.load(cache / "latents.npy", mmap_mode="r+")
+    latents[5] = np.nan  # one image (and its flip): drawn once per epoch of 2 steps
+    latents.flush()
+    with pytest.raises(SystemExit, match=r"non-finite loss = nan.*latent cache.*step 3 is kept as it was"):
+        train_dit.main(_dit_args(tmp_path, cache, max_steps=9, ckpt_every=1, resume=True))
+    assert _bytes(ckpt) == before and not os.path.exists(f"{ckpt}.tmp")
+    assert load_checkpoint(str(ckpt), "dit")["step"] == 3
+    meta = json.load(open(cache / "meta.json"))
+    meta["std"][1] = 0.0
+    json.dump(meta, open(cache / "meta.json", "w"))
+    with pytest.raises(SystemExit, match="std is 0.0"):
+        train_dit.main(_dit_args(tmp_path, cache, name="zero"))
+    assert not (tmp_path / "zero").exists()
+
+
+def test_sample_py_refuses_a_nan_dit_instead_of_writing_black_images(tmp_path):
+    dit_path, _ = _pipeline(tmp_path)
+    ckpt = torch.load(dit_path, weights_only=True)
+    ckpt["ema"]["final_linear.bias"][0] = float("nan")
+    torch.save(ckpt, dit_path)
+    with pytest.raises(SystemExit, match="shard 0 are NaN or inf"):
+        sample.main(_args(tmp_path, dit_path))
+    assert not (tmp_path / "samples.npz").exists()
+
+
+def test_encode_refuses_to_complete_a_cache_from_a_nan_tokenizer(tmp_path):
+    torch.manual_seed(0)
+    pae = build_pae(preset="tiny")
+    with torch.no_grad():
+        pae.projector.conv.bias[3] = float("nan")
+    save_checkpoint(str(tmp_path / "ae.pt"), "pae", pae, {"preset": "tiny"}, 0, pae_args=pae.pae_args)
+    with pytest.raises(SystemExit, match="NaN or inf.*NaN weight in .*ae.pt.*incomplete"):
+        train_ae.main([*FAST, "--stage", "encode", "--out_dir", str(tmp_path), "--synthetic_size", "8"])
+    assert not (tmp_path / "latents" / "meta.json").exists()
+
+
+def test_nan_weight_stops_the_tokenizer_before_any_checkpoint(tmp_path):
+    train_ae.main([*FAST, "--stage", "refine", "--refine_steps", "1", "--out_dir", str(tmp_path / "r")])
+    ckpt = torch.load(tmp_path / "r" / "refine.pt", weights_only=True)
+    ckpt["model"]["target_out.bias"][0] = float("nan")  # P_t: the SSR/SCR targets become NaN
+    torch.save(ckpt, tmp_path / "r" / "refine.pt")
+    with pytest.raises(SystemExit, match="non-finite .*scr = nan.*no checkpoint was written"):
+        train_ae.main([*FAST, "--stage", "ae", "--max_steps", "4", "--log_every", "2", "--refine_ckpt",
+                       str(tmp_path / "r" / "refine.pt"), "--out_dir", str(tmp_path / "a")])
+    assert not any((tmp_path / "a" / name).exists() for name in ("ckpt_ae.pt", "ae.pt"))
+
+
+def test_finished_results_are_never_replaced_without_a_flag(tmp_path):
+    out = tmp_path / "ae"
+    train_ae.main([*FAST, "--stage", "refine", "--refine_steps", "1", "--out_dir", str(out)])
+    os.remove(out / "ckpt_refine.pt")  # only the finished refine.pt is left
+    before = _bytes(out / "refine.pt")
+    with pytest.raises(SystemExit, match="refine.pt already exists; pass --resume.*--overwrite"):
+        train_ae.main([*FAST, "--stage", "refine", "--refine_steps", "1", "--out_dir", str(out)])
+    assert _bytes(out / "refine.pt") == before
+    train_ae.main([*FAST, "--stage", "refine", "--refine_steps", "2", "--out_dir", str(out), "--overwrite"])
+    assert load_checkpoint(str(out / "refine.pt"), "refine")["step"] == 2
+    cache = _write_cache(tmp_path / "latents")  # a DiT run pointed at the tokenizer's folder
+    config = _bytes(out / "config.json")
+    with pytest.raises(SystemExit, match="holds a run of train_ae.py"):
+        train_dit.main(_dit_args(tmp_path, cache, out_dir=str(out)))
+    assert _bytes(out / "config.json") == config and not (out / "ckpt.pt").exists()
+
+
+def test_sample_and_fid_outputs_are_protected(tmp_path):
+    dit_path, _ = _pipeline(tmp_path)
+    sample.main(_args(tmp_path, dit_path))
+    npz, png = tmp_path / "samples.npz", tmp_path / "samples.png"
+    before = _bytes(npz, png, dit_path)
+    with pytest.raises(SystemExit, match="samples.npz already exists; pass --overwrite"):
+        sample.main(_args(tmp_path, dit_path))
+    with pytest.raises(SystemExit, match="also an input of this command"):
+        sample.main(_args(tmp_path, dit_path, out=dit_path))
+    with pytest.raises(SystemExit, match="also an input"):
+        _fid_main([str(npz), "--save_stats", str(npz), "--weights", "random"])
+    assert _bytes(npz, png, dit_path) == before
+    sample.main(_args(tmp_path, dit_path, overwrite=True, seed=1))
+    assert _bytes(npz) != {str(npz): before[str(npz)]}
+
+
+def _fid_main(argv):
+    saved = sys.argv
+    sys.argv = ["fid.py", *argv]
+    try:
+        fid.main()
+    finally:
+        sys.argv = saved
+
+
+def test_sample_refuses_an_ae_changed_since_the_encode(tmp_path):
+    dit_path, pae = _pipeline(tmp_path)
+    ckpt = torch.load(dit_path, weights_only=True)
+    ae_path = ckpt["latent_meta"]["ae_ckpt"]
+    ckpt["latent_meta"]["ae_sha256"] = model.file_digest(ae_path)  # as a cache written by encode records it
+    torch.save(ckpt, dit_path)
+    with torch.no_grad():
+        pae.decoder.head.bias.add_(0.5)  # a retrained tokenizer in the same place (--resume --max_steps ...)
+    save_checkpoint(ae_path, "pae", pae, {"preset": "tiny"}, 0, pae_args=pae.pae_args)
+    with pytest.raises(SystemExit, match="changed since the DiT's latents were encoded.*--ae_ckpt"):
+        sample.main(_args(tmp_path, dit_path))
+    sample.main(_args(tmp_path, dit_path, ae_ckpt=ae_path))  # named explicitly: decoded, with a warning
+    assert (tmp_path / "samples.npz").is_file()
+
+
+def test_encode_overwrite_swaps_the_new_cache_in_only_when_complete(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    pae = build_pae(preset="tiny")
+    save_checkpoint(str(tmp_path / "ae.pt"), "pae", pae, {"preset": "tiny"}, 0, pae_args=pae.pae_args)
+    args = [*FAST, "--stage", "encode", "--out_dir", str(tmp_path), "--synthetic_size", "8"]
+    train_ae.main(args)
+    old = _bytes(*(tmp_path / "latents" / name for name in ("latents.npy", "labels.npy", "meta.json")))
+    monkeypatch.setattr(train_ae.M, "file_digest", lambda path: 1 / 0)  # a crash just before meta.json
+    with pytest.raises(ZeroDivisionError):
+        train_ae.main(args + ["--overwrite", "--synthetic_size", "16"])
+    assert _bytes(*old) == old  # the complete old cache is untouched
+    monkeypatch.undo()
+    train_ae.main(args + ["--overwrite", "--synthetic_size", "16"])
+    assert np.load(tmp_path / "latents" / "labels.npy").shape == (16,)
+    assert not (tmp_path / "latents.new").exists() and not (tmp_path / "latents.old").exists()
+
+
+def test_labels_outside_the_classes_are_refused_when_the_cache_opens(tmp_path):
+    for label in (3, 7):  # 3 = the class count = the null class; 7 would index past the label table
+        cache = _write_cache(tmp_path / f"latents{label}")
+        labels = np.load(cache / "labels.npy")
+        labels[2] = label
+        np.save(cache / "labels.npy", labels)
+        with pytest.raises(SystemExit, match=f"labels from 0 to {label}, outside the 3 classes"):
+            train_dit.main(_dit_args(tmp_path, cache, name=f"l{label}"))
+
+
+def test_bad_meta_json_is_one_sentence(tmp_path):
+    cache = _write_cache(tmp_path / "latents")
+    good = json.load(open(cache / "meta.json"))
+    for text, message in (("{not json", "cannot be read as JSON"),
+                          (json.dumps({k: v for k, v in good.items() if k != "std"}), "lacks std"),
+                          (json.dumps({**good, "mean": good["mean"][:2]}), "must list 4 numbers"),
+                          (json.dumps({**good, "mean": [float("nan")] * 4}), "not a finite number")):
+        (cache / "meta.json").write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            train_dit.LatentCache(str(cache))
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("sample", ["--batch_size", "0"], "--batch_size must be greater than 0"),
+    ("sample", ["--per_label", "0"], "--per_label must be greater than 0"),
+    ("sample", ["--cfg_scale", "nan"], "--cfg_scale nan is not a finite number"),
+    ("fid", ["--batch_size", "-5"], "--batch_size must be greater than 0"),
+    ("train_ae", ["--batch_size", "-2"], "--batch_size must be greater than 0"),
+    ("train_ae", ["--micro_batch_size", "-4"], "--micro_batch_size must be 0 or more"),
+    ("train_ae", ["--vfm", "dinov4"], "unknown --vfm 'dinov4'; valid values: 'dinov2'"),
+    ("train_ae", ["--decoder", "B"], "--preset tiny builds its own tiny VFM and decoder"),
+    ("train_dit", ["--ckpt_every", "0"], "--ckpt_every must be greater than 0"),
+    ("train_dit", ["--max_steps", "-5"], "--max_steps must be greater than 0"),
+    ("train_dit", ["--batch_size", "0"], "--batch_size must be greater than 0"),
+])
+def test_every_bad_flag_is_one_sentence_and_writes_nothing(tmp_path, monkeypatch, script, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(message)) as e:
+        if script == "fid":
+            _fid_main(["samples.npz", *argv])
+        else:
+            sys.modules[script].main(["--preset", "tiny", *argv])
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_bad_flag_from_the_shell_is_one_line_on_stderr(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train_dit.py"), "--preset", "tiny", "--max_steps", "-5"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["error: --max_steps must be greater than 0, got -5"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_fid_checks_its_inputs_before_the_inception_pass(tmp_path, monkeypatch):
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=images)
+    np.save(tmp_path / "s.npy", images)
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(10), sigma=np.eye(10))
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: 1 / 0)  # reaching the network would fail loudly
+    for argv, message in (([str(tmp_path / "s.npy")], "is not an .npz"),
+                          ([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npy")], "--ref .* is not an .npz"),
+                          ([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz")], "other dimensions"),
+                          ([str(tmp_path / "s.npz"), "--save_stats", str(tmp_path / "s.npz" / "x.npz")],
+                           "is not a writable folder")):
+        with pytest.raises(SystemExit, match=message):
+            _fid_main(argv)
+
+
+def test_fid_of_a_set_with_itself_is_zero_not_negative():
+    feats = np.random.default_rng(0).standard_normal((100, 2048)) * 3  # fewer samples than dimensions
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    assert fid.frechet_distance(mu, sigma, mu, sigma) == 0.0  # the eigenvalue route alone gives about -0.002
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
+    cache = _write_cache(tmp_path / "latents")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text(f"{os.getppid()}@{socket.gethostname()}")  # a live process owns it
+    with pytest.raises(SystemExit, match="is in use by another run"):
+        train_dit.main(_dit_args(tmp_path, cache))
+    assert os.listdir(tmp_path / "run") == [".lock"]
+    (tmp_path / "run" / ".lock").write_text(f"999999999@{socket.gethostname()}")  # its process is gone: taken over
+    train_dit.main(_dit_args(tmp_path, cache, max_steps=2))
+    assert (tmp_path / "run" / "ckpt.pt").is_file()
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_old_file_and_no_tmp(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(str(path), "dit", torch.nn.Linear(2, 2), {}, 1)
+    before = _bytes(path)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit, match="could not write .*ckpt.pt \\(No space left on device; is the disk full"):
+        save_checkpoint(str(path), "dit", torch.nn.Linear(2, 2), {}, 2)
+    assert _bytes(path) == before and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_a_pickle_in_the_hub_cache_is_refused_without_running(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save({"lin0.model.1.weight": Payload()}, tmp_path / "hub" / "checkpoints" / "vgg.pth")
+    with pytest.raises(SystemExit, match="not the published LPIPS v0.1 linear layers file"):
+        losses.LPIPS._lin_state(None)
+    with pytest.raises(SystemExit, match="refused"):  # the same file passed by path: weights-only, still refused
+        losses.LPIPS._lin_state(str(tmp_path / "hub" / "checkpoints" / "vgg.pth"))
+    assert not marker.exists()
+    shutil.copy(LPIPS_LIN, tmp_path / "hub" / "checkpoints" / "vgg.pth")  # the published file passes the hash
+    assert set(losses.LPIPS._lin_state(None)) == {f"{i}.weight" for i in range(5)}

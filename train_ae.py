@@ -1,5 +1,5 @@
 r"""
-Train the PAE tokenizer and extract the latent cache (SPEC §1, §4-§6, §13).
+Train the PAE tokenizer and extract the latent cache.
 
 Stages (--stage): refine (P_t/Q_t on frozen VFM features) -> ae (the PAE tokenizer) -> encode (the latent
 cache train_dit.py reads) and eval (PSNR, rFID, LPC, GSQ). With no --stage: refine, ae, then encode.
@@ -15,7 +15,7 @@ Resume:         add --resume: stage refine continues from OUT_DIR/ckpt_refine.pt
                 (model, EMA, optimizers, discriminator, step; data order and noise are functions of the step), a
                 stage without one starts afresh; an encode that did not finish (no meta.json) is simply rerun.
 Outputs:        OUT_DIR/refine.pt (kind "refine"), OUT_DIR/ae.pt (kind "pae": raw weights + EMA, what encode and
-                sample.py use), OUT_DIR/grid_<step>.png, LATENTS/{latents.npy, labels.npy, meta.json} (SPEC §3.3)
+                sample.py use), OUT_DIR/grid_<step>.png, LATENTS/{latents.npy, labels.npy, meta.json}
 """
 
 # -----------------------------------------------------------------------------
@@ -26,6 +26,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -35,13 +36,13 @@ import torchvision
 from numpy.lib.format import open_memmap
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import fid
 import losses
 import model as M
-from model import (Dist, Logger, autocast, batch_layout, count_flops, ema_update, fail, format_duration,
-                   load_checkpoint, make_optimizer, parse_config, peak_flops, save_checkpoint, save_config)
+from model import (Dist, Logger, autocast, batch_layout, check_finite, check_output, count_flops, ema_update, fail,
+                   format_duration, gpu_guard, load_checkpoint, lock_dir, make_optimizer, parse_config, peak_flops,
+                   progress, save_checkpoint, save_config)
 
 # -----------------------------------------------------------------------------
 # config
@@ -53,14 +54,14 @@ class Config:
     stage: str = ""  # refine | ae | encode | eval; "" = refine (unless --refine_ckpt), ae, then encode
     data: str = "synthetic"  # ImageFolder root (class sub-folders, e.g. ImageNet train) or "synthetic"
     val_data: str = ""  # held-out ImageFolder (ImageNet val) for PSNR and eval; "" = synthetic held-out images
-    out_dir: str = "out"  # refine.pt, ae.pt, ckpt_<stage>.pt, config.json, log.txt, grid_<step>.png
-    latents: str = "latents"  # stage encode writes the latent cache here (SPEC §3.3)
+    out_dir: str = "out"  # refine.pt, ae.pt, ckpt_<stage>.pt, config.json, log.txt, grid_<step>.png, eval.json
+    latents: str = ""  # stage encode writes the latent cache here; "" = OUT_DIR/latents
     refine_ckpt: str = ""  # stage ae: refine checkpoint; "" = OUT_DIR/refine.pt
     ae_ckpt: str = ""  # stages encode and eval: PAE checkpoint; "" = OUT_DIR/ae.pt
-    overwrite: bool = False  # stage encode: replace a complete latent cache
+    overwrite: bool = False  # replace a finished refine.pt / ae.pt / eval.json / latent cache (else refused)
     image_size: int = 256  # px; ADM center crop of ImageFolder images, size of synthetic images
     synthetic_size: int = 1_281_167  # images in the synthetic dataset (ImageNet-1k train size)
-    vfm: str = "dinov2"  # dinov2 | dinov3 | siglip2 | mae (SPEC §4.1)
+    vfm: str = "dinov2"  # dinov2 | dinov3 | siglip2 | mae
     vfm_weights: str = ""  # local VFM weight file; "" = timm / Hugging Face cache
     decoder: str = "L"  # pixel decoder preset: B | L | XL
     batch_size: int = 256  # global batch (all ranks, all accumulation steps)
@@ -77,8 +78,8 @@ class Config:
     ema_decay: float = 0.9999  # stage ae EMA (latents are still extracted with the raw weights)
     gram_weight: float = 1.0  # stage refine: lambda_gram of the Gram term [our reading]
     upsample: str = "bilateral"  # structural target's feature up-sampler: bilateral | bilinear [our reading]
-    lowpass: float = 0.4  # structural target's low-pass strength (SPEC §4.6)
-    l1_weight: float = 1.0  # SPEC §5, the paper's weights
+    lowpass: float = 0.4  # structural target's low-pass strength
+    l1_weight: float = 1.0  # the paper's loss weights: L1 1, LPIPS 1, GAN 0.5, SSR 0.2, MCR 0.5, SCR 1
     lpips_weight: float = 1.0
     gan_weight: float = 0.5
     ssr_weight: float = 0.2
@@ -87,7 +88,7 @@ class Config:
     disc_start: int = 5000  # step at which the GAN losses switch on
     eval_images: int = 50_000  # stage eval: held-out images for PSNR / rFID (all of them if fewer)
     psnr_images: int = 1000  # held-out images for the periodic PSNR of stage ae
-    lpc_images: int = 1000  # stage eval: images for the LPC diagnostic (SPEC §13)
+    lpc_images: int = 1000  # stage eval: images for the LPC diagnostic
     lpips_vgg_weights: str = ""  # local torchvision vgg16-397923af.pth; "" = torch hub cache (tiny: random VGG)
     lpips_lin_weights: str = ""  # local LPIPS v0.1 vgg.pth (linear layers); "" = torch hub cache
     fid_weights: str = ""  # Inception weight file for rFID; "" = torch hub cache (no weights: rFID skipped)
@@ -95,15 +96,24 @@ class Config:
     seed: int = 0
     log_every: int = 50  # steps
     ckpt_every: int = 2500  # steps; also writes the PNG grid and the held-out PSNR
-    resume: bool = False  # continue from OUT_DIR/ckpt_<stage>.pt
+    resume: bool = False  # continue from OUT_DIR/ckpt_<stage>.pt (and replace its refine.pt / ae.pt when done)
     compile: bool = True  # torch.compile the training step (GPU only; ignored on CPU)
+    device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda
+
+    CHOICES = {"stage": ("", "refine", "ae", "encode", "eval"), "vfm": tuple(M.VFM_PRESETS),
+               "decoder": tuple(M.DECODER_PRESETS), "upsample": ("bilateral", "bilinear"), "device": M.DEVICES}
+    POSITIVE = ("image_size", "synthetic_size", "batch_size", "refine_steps", "max_steps", "lr", "log_every",
+                "ckpt_every", "eval_images", "psnr_images")
+    NONNEGATIVE = ("micro_batch_size", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "ema_decay",
+                   "gram_weight", "lowpass", "l1_weight", "lpips_weight", "gan_weight", "ssr_weight", "mcr_weight",
+                   "scr_weight", "disc_start", "lpc_images", "num_workers", "seed")
 
 
 PRESETS = {
     "paper": {},
     "tiny": dict(image_size=32, synthetic_size=2048, batch_size=8, refine_steps=100, max_steps=500, lr=1e-3,
                  disc_start=400, log_every=50, ckpt_every=250, eval_images=256, psnr_images=32, lpc_images=16,
-                 num_workers=0, compile=False, out_dir="out/tiny", latents="out/tiny/latents"),
+                 num_workers=0, compile=False, out_dir="out/tiny"),
 }
 
 # -----------------------------------------------------------------------------
@@ -252,62 +262,82 @@ def to_images01(batch, device):
     return batch.to(device, non_blocking=True).float() / 255
 
 # -----------------------------------------------------------------------------
-# stage encode: the latent cache of SPEC §3.3, written in place by all ranks
+# stage encode: the latent cache train_dit.py reads, written in place by all ranks
 
 
 @torch.no_grad()
 def encode_stage(cfg, d, log, ae_path):
-    meta_path = os.path.join(cfg.latents, "meta.json")
-    if os.path.isfile(meta_path) and not cfg.overwrite:
-        fail(f"{cfg.latents} already holds a complete latent cache; pass --overwrite to replace it or choose "
-             f"another --latents")
+    """All ranks fill their index ranges of the memmaps in place. A complete cache is replaced only with
+    --overwrite, and then the new one is written beside it (LATENTS.new) and swapped in once complete, so a crash
+    leaves the old cache intact. meta.json, written last, marks a cache complete."""
+    final = cfg.latents.rstrip(os.sep)
+    if not os.path.exists(final) and os.path.isfile(os.path.join(final + ".old", "meta.json")) and d.master:
+        os.replace(final + ".old", final)  # a swap interrupted between its two renames: restore the old cache
+        log(f"encode: restored {final} from {final}.old, left by an interrupted --overwrite")
+    d.barrier()
+    replacing = os.path.isfile(os.path.join(final, "meta.json"))
+    target = final + ".new" if replacing else final
+    meta_path = os.path.join(target, "meta.json")
     pae = M.pae_from_checkpoint(ae_path, device=d.device)
     cfg.image_size = pae.image_size  # images are cropped to the size the tokenizer was trained at
     dataset = make_dataset(cfg)
     count = len(dataset)
     num_classes = dataset.num_classes
     C, H, W = pae.encode(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=d.device)).shape[1:]
-    latents_path, labels_path = os.path.join(cfg.latents, "latents.npy"), os.path.join(cfg.latents, "labels.npy")
+    latents_path, labels_path = os.path.join(target, "latents.npy"), os.path.join(target, "labels.npy")
     if d.master:  # rank 0 lays out the files; every rank then fills its own index range in place
-        os.makedirs(cfg.latents, exist_ok=True)
+        os.makedirs(target, exist_ok=True)
         if os.path.exists(meta_path):
             os.remove(meta_path)  # from here on the directory is an incomplete cache
+        # float16, not the release's bf16: 3 more mantissa bits, and latents on the sqrt(32) sphere fit easily
         open_memmap(latents_path, mode="w+", dtype=np.float16, shape=(count, 2, C, H, W)).flush()
         open_memmap(labels_path, mode="w+", dtype=np.int64, shape=(count,)).flush()
     d.barrier()
     latents, labels = open_memmap(latents_path, mode="r+"), open_memmap(labels_path, mode="r+")
     lo, hi = d.rank * count // d.world_size, (d.rank + 1) * count // d.world_size
     batch = cfg.micro_batch_size or max(1, cfg.batch_size // d.world_size)
-    log(f"encode: {count} images of {dataset.name} and their flips with {ae_path} -> {cfg.latents} "
+    log(f"encode: {count} images of {dataset.name} and their flips with {ae_path} -> {target} "
         f"(latents {C}x{H}x{W}, {num_classes} classes, {d.world_size} ranks x batch {batch})")
-    skipped = torch.zeros((), device=d.device)
+    counts = torch.zeros(2, device=d.device)  # images skipped as unreadable, latent values not finite
     start, i = time.perf_counter(), lo
-    for images, y, skips in tqdm(shard_loader(cfg, dataset, lo, hi, batch), disable=not d.master, desc="encode",
-                                 unit="batch", dynamic_ncols=True):
+    for images, y, skips in progress(shard_loader(cfg, dataset, lo, hi, batch), d.master, "encode", "batch"):
         x = to_images01(images, d.device)
-        with autocast(d.device):
+        with autocast(d.device):  # fp32 weights under a bf16 autocast (the release casts the weights to bf16)
             pair = torch.stack([pae.encode(x), pae.encode(x.flip(-1))], dim=1)  # (B, 2, C, H, W)
+        counts += torch.stack([skips.sum().to(counts), (~torch.isfinite(pair.half())).sum().to(counts)])
         latents[i:i + len(x)] = pair.half().cpu().numpy()
         labels[i:i + len(x)] = y.numpy()
-        skipped += skips.sum()
         i += len(x)
     latents.flush(), labels.flush()
     del latents, labels
-    skipped = int(round(d.all_reduce_mean(skipped).item() * d.world_size))
+    skipped, not_finite = (int(round(v)) for v in (d.all_reduce_mean(counts) * d.world_size).tolist())
     d.barrier()
     seconds = time.perf_counter() - start
+    incomplete = f"{target} is left without meta.json, i.e. incomplete" + (f"; {final} is unchanged" if replacing
+                                                                             else "")
+    if not_finite:
+        fail(f"encode: {not_finite} latent values are NaN or inf (or overflow float16); look for a NaN weight in "
+             f"{ae_path}; {incomplete}")
     if d.master:
         stored = np.load(latents_path, mmap_mode="r")
         pick = np.random.default_rng(cfg.seed).choice(count, size=min(count, 10_000), replace=False)
         sample = stored[np.sort(pick), 0].astype(np.float64)  # un-flipped latents, (n, C, H, W)
-        meta = {"ae_ckpt": ae_path, "channels": int(C), "size": int(H), "count": count, "num_classes": num_classes,
-                "mean": sample.mean(axis=(0, 2, 3)).tolist(), "std": sample.std(axis=(0, 2, 3)).tolist(),
+        mean, std = sample.mean(axis=(0, 2, 3)), sample.std(axis=(0, 2, 3))
+        if not (np.isfinite(mean).all() and np.isfinite(std).all() and std.min() > 0):
+            fail(f"encode: the latent statistics are not usable (a channel's std is {std.min()}); {incomplete}")
+        meta = {"ae_ckpt": ae_path, "ae_sha256": M.file_digest(ae_path), "channels": int(C), "size": int(H),
+                "count": count, "num_classes": num_classes, "mean": mean.tolist(), "std": std.tolist(),
                 "dataset": dataset.name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
         M.atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))  # last: marks it complete
+        if replacing:  # swap the complete new cache in; the old one goes only after
+            os.replace(final, final + ".old")
+            os.replace(target, final)
+            shutil.rmtree(final + ".old")
     d.barrier()
     log(f"encode: done, {count} images in {format_duration(seconds)} ({count / seconds:.1f} img/s, each encoded "
-        f"twice: image and flip)" + (f"; {skipped} unreadable images replaced by the next readable one" if skipped
-                                     else ""))
+        f"twice: image and flip) -> {final}" + (f"; {skipped} unreadable images replaced by the next readable one"
+                                                 if skipped else ""))
+
 
 # -----------------------------------------------------------------------------
 # training machinery shared by stages refine and ae
@@ -368,11 +398,14 @@ def train_loader(cfg, d, dataset, start_step):
 
 class IntervalLog:
     """Named loss parts summed on the device each step; one all-reduce and one .item() per log line, which
-    reports the interval mean over all ranks, lr, img/s (warm-up step excluded), MFU, memory and ETA."""
+    reports the interval mean over all ranks, lr, img/s (warm-up step excluded), MFU, memory and ETA. It is also
+    the non-finite guard: a NaN or inf in a logged part, or in the parts since the last line when a checkpoint is
+    due (check), stops the run before the checkpoint is written."""
 
-    def __init__(self, cfg, d, log, name, total_steps, flops_per_image):
+    def __init__(self, cfg, d, log, name, total_steps, flops_per_image, causes, saved_step=None):
         self.cfg, self.d, self.log, self.name, self.total = cfg, d, log, name, total_steps
         self.flops, self.peak = flops_per_image, peak_flops(d.device)
+        self.causes, self.saved_step = causes, saved_step
         self.sums, self.n, self.skipped, self.t0, self.step0 = {}, 0, 0, None, None
 
     def add(self, step, parts, skipped):
@@ -384,6 +417,13 @@ class IntervalLog:
             if self.d.device.type == "cuda":
                 torch.cuda.synchronize()
             self.t0, self.step0 = time.perf_counter(), step
+
+    def check(self, step):
+        """Before a checkpoint: the guard over the steps since the last log line (one sync)."""
+        if self.n:
+            keys = list(self.sums)
+            stats = self.d.all_reduce_mean(torch.stack([self.sums[k] for k in keys])).tolist()
+            check_finite(step, dict(zip(keys, stats)), self.causes, self.saved_step)
 
     def emit(self, step, lr):
         keys, world = list(self.sums), self.d.world_size
@@ -400,6 +440,7 @@ class IntervalLog:
         skipped = round(stats[-1])
         self.log(f"{self.name} step {step}/{self.total} | {parts} | lr {lr:.2e} | {img_s:.1f} img/s | MFU {mfu} "
                  f"| mem {mem} | ETA {eta}" + (f" | {skipped} unreadable images skipped" if skipped else ""))
+        check_finite(step, dict(zip(keys, stats)), self.causes, self.saved_step)
         self.sums, self.n, self.skipped = {}, 0, 0
 
 
@@ -424,9 +465,9 @@ def new_pae(cfg, d):
 
 def start_or_resume(cfg, log, path, kind, arch_key, arch, states):
     """Step to start from: 0 for a fresh start, else the checkpoint's, with `states` ({checkpoint key: module or
-    optimizer}) restored. Without --resume an existing checkpoint is an error, so a finished or running stage is
-    never overwritten by accident."""
-    if not os.path.isfile(path):
+    optimizer}) restored. Without --resume an existing checkpoint is an error (main checks it first), so a finished
+    or running stage is never overwritten by accident; --overwrite starts afresh in its place."""
+    if not os.path.isfile(path) or cfg.overwrite and not cfg.resume:
         if cfg.resume:
             log(f"--resume: {path} does not exist yet, so this stage starts from step 0")
         return 0
@@ -442,7 +483,7 @@ def start_or_resume(cfg, log, path, kind, arch_key, arch, states):
     return ckpt["step"]
 
 # -----------------------------------------------------------------------------
-# stage refine: P_t / Q_t on frozen VFM features (SPEC §4.6)
+# stage refine: P_t / Q_t on frozen VFM features
 
 
 def refine_stage(cfg, d, log):
@@ -471,7 +512,8 @@ def refine_stage(cfg, d, log):
         f"{dataset.name}: {len(dataset)} images | world {d.world_size} x micro-batch {micro} x accumulation {accum} "
         f"= batch {cfg.batch_size} | {cfg.refine_steps} steps")
     loader = train_loader(cfg, d, dataset, step)
-    meter = IntervalLog(cfg, d, log, "refine", cfg.refine_steps, flops)
+    meter = IntervalLog(cfg, d, log, "refine", cfg.refine_steps, flops, f"a NaN in the images of {dataset.name} or in "
+                        f"the VFM's weights, or a learning rate too high (--lr {cfg.lr})", step or None)
     refiner.train()
     while step < cfg.refine_steps:
         lr = get_lr(cfg, step, cfg.refine_steps)
@@ -494,8 +536,10 @@ def refine_stage(cfg, d, log):
         if step % cfg.log_every == 0 or step == cfg.refine_steps:
             meter.emit(step, lr)
         if step % cfg.ckpt_every == 0 or step == cfg.refine_steps:
+            meter.check(step)
             if d.master:
                 save_checkpoint(ckpt_path, "refine", refiner, cfg, step, opt=opt, refiner_args=refiner.refiner_args)
+            meter.saved_step = step
             d.barrier()
     if d.master:
         save_checkpoint(final_path, "refine", refiner, cfg, step, refiner_args=refiner.refiner_args)
@@ -504,10 +548,10 @@ def refine_stage(cfg, d, log):
     return final_path
 
 # -----------------------------------------------------------------------------
-# reconstruction metrics: PSNR, rFID, LPC, GSQ (SPEC §6, §13), shared by stages ae and eval
+# reconstruction metrics: PSNR, rFID, LPC, GSQ, shared by stages ae and eval
 
-THETAS = (42.5, 85.0)  # MCR rotation angles in degrees, theta_m and theta_l (SPEC §5)
-LPC_RHOS = (0.1, 0.5, 1.0, 2.0)  # LPC step sizes relative to |z| (SPEC §13)
+THETAS = (42.5, 85.0)  # MCR rotation angles in degrees, theta_m and theta_l
+LPC_RHOS = (0.1, 0.5, 1.0, 2.0)  # LPC step sizes relative to |z|
 
 
 def psnr(recon01, images01):
@@ -523,7 +567,7 @@ def ssim(recon01, images01):
 
 @torch.no_grad()
 def write_grid(cfg, pae, dataset, path, device):
-    """PNG rows: input | reconstruction | decodings of the 42.5 and 85 degree perturbed latents (SPEC §5)."""
+    """PNG rows: input | reconstruction | decodings of the 42.5 and 85 degree perturbed latents."""
     images = to_images01(torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]), device)
     torch.manual_seed(cfg.seed)  # the same perturbation directions at every step
     with autocast(device):
@@ -545,8 +589,8 @@ def evaluate(cfg, d, pae, dataset, count, lpips_net=None, inception=None):
     was_training = pae.training
     pae.eval()
     i = lo
-    for images, y, _ in tqdm(shard_loader(cfg, dataset, lo, hi, batch), disable=not (d.master and lpips_net is not None),
-                             desc="eval", unit="batch", dynamic_ncols=True, leave=False):  # no bar mid-training
+    for images, y, _ in progress(shard_loader(cfg, dataset, lo, hi, batch), d.master and lpips_net is not None,
+                                 "eval", "batch"):  # no progress mid-training
         x = to_images01(images, d.device)
         with autocast(d.device):
             latent = pae.encode(x)
@@ -562,7 +606,7 @@ def evaluate(cfg, d, pae, dataset, count, lpips_net=None, inception=None):
                 sums[1] += losses.lpc(pae.decode, latent[:n].float(), lpips_net, LPC_RHOS, g).double().sum()
         if inception is not None:
             for k, imgs in enumerate((x, recon)):
-                uint8 = (imgs * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # NHWC, rounded (SPEC §9)
+                uint8 = (imgs * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # NHWC, rounded
                 feats = fid.inception_features(inception, uint8, batch_size=batch)["pool"].double()
                 moments[k] += feats.sum(0)
                 cross[k] += feats.T @ feats
@@ -584,7 +628,7 @@ def evaluate(cfg, d, pae, dataset, count, lpips_net=None, inception=None):
 
 
 def gsq(d, pooled, labels, seed, classes_per_draw=100, draws=5):
-    """GSQ (SPEC §13) of pooled latents (M, C) gathered from all ranks: the paper's protocol of 5 draws of 100
+    """GSQ of pooled latents (M, C) gathered from all ranks: the paper's protocol of 5 draws of 100
     random classes when there are more than 100, else one draw of all classes. -> (mean, std)."""
     if d.world_size > 1:
         gathered = [None] * d.world_size
@@ -607,7 +651,7 @@ def make_lpips(cfg):
 
 
 # -----------------------------------------------------------------------------
-# stage ae: the PAE tokenizer with all losses of SPEC §5 and the recipe of SPEC §6
+# stage ae: the PAE tokenizer with all the paper's losses, on our training recipe
 
 
 def ae_stage(cfg, d, log, refine_path):
@@ -659,9 +703,12 @@ def ae_stage(cfg, d, log, refine_path):
         f"{micro} x accumulation {accum} = batch {cfg.batch_size} | {cfg.max_steps} steps, GAN from step "
         f"{cfg.disc_start}" + ("" if held_out is not None else " | no --val_data: no held-out PSNR"))
     loader = train_loader(cfg, d, dataset, step)
-    meter = IntervalLog(cfg, d, log, "ae", cfg.max_steps, flops)
+    meter = IntervalLog(cfg, d, log, "ae", cfg.max_steps, flops, f"a NaN in the images of {dataset.name}, a NaN "
+                        f"weight in {refine_path} or in the checkpoint this run resumed from, or a learning rate too "
+                        f"high (--lr {cfg.lr})", step or None)
 
     def checkpoint(step):
+        meter.check(step)
         if d.master:
             save_checkpoint(ckpt_path, "pae", pae, cfg, step, ema=ema, opt=opt, pae_args=pae.pae_args,
                             disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
@@ -670,6 +717,7 @@ def ae_stage(cfg, d, log, refine_path):
         if held_out is not None:
             metrics = evaluate(cfg, d, pae, held_out, min(cfg.psnr_images, len(held_out)))
             log(f"ae step {step}: held-out PSNR {metrics['psnr']:.2f} dB (raw weights, the ones encode uses)")
+        meter.saved_step = step
         d.barrier()
 
     pae.train()
@@ -731,7 +779,7 @@ def eval_stage(cfg, d, log, ae_path):
     if cfg.fid_weights == "random":
         log("eval: random Inception weights (--fid_weights random): the rFID only tests the plumbing")
     try:
-        inception = fid.load_inception(cfg.fid_weights or None, device=d.device)
+        inception = fid.load_inception(cfg.fid_weights or None, device=d.device, flag="--fid_weights")
     except SystemExit as e:  # no Inception weights: report everything else, and say how to get rFID
         inception = None
         log(f"eval: rFID skipped: {str(e).removeprefix('error: ')}")
@@ -750,29 +798,39 @@ def eval_stage(cfg, d, log, ae_path):
 
 def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS)
-    stages = {"refine", "ae", "encode", "eval", ""}
-    if cfg.stage not in stages:
-        fail(f"unknown stage {cfg.stage!r}; valid stages: refine, ae, encode, eval (or none for the pipeline)")
-    if cfg.upsample not in ("bilateral", "bilinear"):
-        fail(f"unknown upsample {cfg.upsample!r}; valid values: bilateral, bilinear")
-    cfg.latents = os.path.abspath(cfg.latents)
+    tiny = cfg.preset == "tiny"
+    if tiny and (cfg.vfm, cfg.decoder) != (Config.vfm, Config.decoder):
+        fail("--preset tiny builds its own tiny VFM and decoder; drop --vfm/--decoder, or use --preset paper")
+    gpu_guard(cfg.device, not tiny and f"the paper-size tokenizer (VFM {cfg.vfm}, decoder {cfg.decoder})")
+    cfg.latents = os.path.abspath(cfg.latents or os.path.join(cfg.out_dir, "latents"))
 
+    # --- plan: every output is checked before anything is written, so a mistaken rerun changes nothing
     plan = [cfg.stage] if cfg.stage else (["ae"] if cfg.refine_ckpt else ["refine", "ae"]) + ["encode"]
-    for stage in ("refine", "ae"):  # checked before anything is written, so a mistaken rerun changes nothing
-        path = os.path.join(cfg.out_dir, f"ckpt_{stage}.pt")
-        if stage in plan and not cfg.resume and os.path.isfile(path):
-            fail(f"{path} already exists; pass --resume to continue that run or choose another --out_dir")
+    for stage in ("refine", "ae"):
+        ckpt, final = (os.path.join(cfg.out_dir, f"{name}.pt") for name in (f"ckpt_{stage}", stage))
+        if stage in plan and not (cfg.resume or cfg.overwrite) and (os.path.isfile(ckpt) or os.path.isfile(final)):
+            fail(f"{ckpt if os.path.isfile(ckpt) else final} already exists; pass --resume to continue that run, "
+                 f"--overwrite to train a new one in its place, or choose another --out_dir")
+    if "encode" in plan and os.path.isfile(os.path.join(cfg.latents, "meta.json")) and not cfg.overwrite:
+        fail(f"{cfg.latents} already holds a complete latent cache; pass --overwrite to replace it (the new one is "
+             f"swapped in only when complete) or choose another --latents")
+    if "eval" in plan:
+        check_output(os.path.join(cfg.out_dir, "eval.json"), cfg.overwrite)
+    if cfg.stage in ("encode", "eval") and not os.path.isfile(cfg.ae_ckpt or os.path.join(cfg.out_dir, "ae.pt")):
+        fail(f"stage {cfg.stage} needs a tokenizer: {cfg.ae_ckpt or os.path.join(cfg.out_dir, 'ae.pt')} does not "
+             f"exist; pass --ae_ckpt PATH")
 
     # --- setup
-    d = Dist()
+    d = Dist(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if d.master:  # encode and eval keep the training run's config.json
+        lock_dir(cfg.out_dir)
         save_config(cfg, cfg.out_dir, "config.json" if {"refine", "ae"} & set(plan) else f"config_{cfg.stage}.json")
     d.barrier()
     log = Logger(cfg.out_dir, d.master)
     log(json.dumps(asdict(cfg)))
-    if cfg.data == "synthetic" and cfg.preset != "tiny":
+    if cfg.data == "synthetic" and not tiny:
         log("warning: training the paper-size PAE on the built-in synthetic images; pass --data DIR for ImageNet")
 
     # --- stages

@@ -1,5 +1,5 @@
 r"""
-Train LightningDiT with flow matching on a PAE latent cache (SPEC §7, §8).
+Train LightningDiT with flow matching on a PAE latent cache.
 
 CPU smoke run:  python train_dit.py --preset tiny --latents out/tiny/latents
 One GPU:        python train_dit.py --latents latents/
@@ -26,9 +26,9 @@ from torchvision.utils import save_image
 
 import sample
 from losses import flow_matching_loss, sample_timesteps
-from model import (Dist, Logger, autocast, batch_layout, build_dit, count_flops, ema_update, fail, format_duration,
-                   load_checkpoint, make_optimizer, pae_from_checkpoint, parse_config, peak_flops, save_checkpoint,
-                   save_config)
+from model import (DEVICES, Dist, Logger, autocast, batch_layout, build_dit, check_finite, count_flops, dit_preset,
+                   ema_update, fail, file_digest, format_duration, gpu_guard, load_checkpoint, lock_dir, make_optimizer,
+                   pae_from_checkpoint, parse_config, peak_flops, read_latent_meta, save_checkpoint, save_config)
 
 # -----------------------------------------------------------------------------
 # config
@@ -37,7 +37,7 @@ from model import (Dist, Logger, autocast, batch_layout, build_dit, count_flops,
 @dataclass
 class Config:
     preset: str = "paper"  # paper | tiny (CPU-sized model and batch)
-    latents: str = "latents"  # latent cache directory written by train_ae.py --stage encode (SPEC §3.3)
+    latents: str = "latents"  # latent cache directory written by train_ae.py --stage encode
     out_dir: str = "out/dit"  # checkpoints, config.json, log.txt
     model: str = "XL/1"  # DiT preset SIZE/PATCH: tiny, S, B, L, XL with patch 1 or 2
     qk_norm: bool = False  # QK RMSNorm in attention (on for the 800-epoch recipe)
@@ -58,9 +58,17 @@ class Config:
     ckpt_every: int = 5000  # steps; a checkpoint is also written at the end
     sample_every: int = 10_000  # steps; PNG grid of EMA samples (sample.py's 80ep settings) via the cache's AE; 0 = off
     resume: bool = False  # continue from out_dir/ckpt.pt
+    overwrite: bool = False  # start a new run in place of an existing out_dir/ckpt.pt (else refused)
     compile: bool = True  # torch.compile the model
     bench: bool = False  # time bench_steps steps on random latents (no cache needed), compile off and on
-    bench_steps: int = 20
+    bench_steps: int = 20  # timed steps per bench setting
+    ae_ckpt: str = ""  # AE for the sample grids; "" = the one the cache was encoded with (its file is checked)
+    device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda
+
+    CHOICES = {"device": DEVICES}
+    POSITIVE = ("batch_size", "max_steps", "lr", "log_every", "ckpt_every", "bench_steps")
+    NONNEGATIVE = ("micro_batch_size", "weight_decay", "grad_clip", "ema_decay", "label_dropout", "seed",
+                   "sample_every")
 
 
 PRESETS = {
@@ -75,7 +83,7 @@ PRESETS = {
 
 
 class LatentCache:
-    """latents.npy (N, 2, C, H, W) float16 [image, flip], labels.npy (N,), meta.json; SPEC §3.3."""
+    """latents.npy (N, 2, C, H, W) float16 [image, flip], labels.npy (N,), meta.json (written by encode)."""
 
     def __init__(self, path):
         meta_path = os.path.join(path, "meta.json")
@@ -85,8 +93,7 @@ class LatentCache:
         if not os.path.isfile(meta_path):
             fail(f"latent directory {path} has no meta.json, so the cache is incomplete (an interrupted encode?); "
                  f"rerun `train_ae.py --stage encode --overwrite`")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.meta = read_latent_meta(meta_path)
         try:
             self.latents = np.load(os.path.join(path, "latents.npy"), mmap_mode="r")
             self.labels = np.load(os.path.join(path, "labels.npy"))
@@ -97,6 +104,10 @@ class LatentCache:
             fail(f"latent cache {path} holds latents {self.latents.shape} and labels {self.labels.shape}, but its "
                  f"meta.json says {N} latents of {C}x{S}x{S}; rerun `train_ae.py --stage encode --overwrite`")
         self.count, self.channels, self.size, self.num_classes = N, C, S, self.meta["num_classes"]
+        if N and not 0 <= self.labels.min() <= self.labels.max() < self.num_classes:
+            fail(f"latent cache {path} has labels from {self.labels.min()} to {self.labels.max()}, outside the "
+                 f"{self.num_classes} classes of its meta.json (label {self.num_classes} is the null class of "
+                 f"guidance); fix num_classes or the labels and rerun the encode")
         self.mean = torch.tensor(self.meta["mean"], dtype=torch.float32).view(1, C, 1, 1)
         self.std = torch.tensor(self.meta["std"], dtype=torch.float32).view(1, C, 1, 1)
         self._perms = {}
@@ -197,12 +208,29 @@ def bench(cfg, d):
         del model, raw, opt
 
 
+def grid_ae(cfg, data, log):
+    """The AE that decodes the sample grids: --ae_ckpt, or the cache's own, refused if its file changed since the
+    encode (meta.json records its SHA-256); None (no grids) when that file is gone."""
+    if cfg.ae_ckpt:
+        if not os.path.isfile(cfg.ae_ckpt):
+            fail(f"--ae_ckpt {cfg.ae_ckpt} does not exist")
+        if cfg.ae_ckpt != data.meta["ae_ckpt"] or file_digest(cfg.ae_ckpt) != data.meta.get("ae_sha256"):
+            log(f"sample grids are decoded with --ae_ckpt {cfg.ae_ckpt}, not the AE the cache was encoded with")
+        return cfg.ae_ckpt
+    path = data.meta["ae_ckpt"]
+    if not os.path.isfile(path):
+        log(f"no sample grids: the AE {path!r} named in meta.json does not exist (pass --ae_ckpt)")
+        return None
+    if "ae_sha256" in data.meta and file_digest(path) != data.meta["ae_sha256"]:
+        fail(f"{path} changed since the latent cache was encoded (its SHA-256 differs from meta.json's), so it "
+             f"would decode these latents wrongly; re-encode, pass --ae_ckpt {path} to use it anyway, or "
+             f"--sample_every 0")
+    return path
+
+
 @torch.no_grad()
-def sample_grid(cfg, ema, data, step, device, log):
-    """8 classes x 8 EMA samples with sample.py's default settings, decoded by the AE named in meta.json."""
-    ae_path = data.meta.get("ae_ckpt", "")
-    if not os.path.isfile(ae_path):
-        return log(f"step {step}: no sample grid, the AE checkpoint {ae_path!r} named in meta.json does not exist")
+def sample_grid(cfg, ema, data, ae_path, step, device, log):
+    """8 classes x 8 EMA samples with sample.py's default settings, decoded by the grid AE."""
     pae = pae_from_checkpoint(ae_path, device, decode_only=True)
     settings = sample.parse_config(sample.Config, [], sample.PRESETS)
     classes = np.linspace(0, data.num_classes - 1, 8).round().astype(int)
@@ -222,9 +250,11 @@ def sample_grid(cfg, ema, data, step, device, log):
 
 def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS)
+    dit_preset(cfg.model)  # a valid name, before anything else
+    gpu_guard(cfg.device, not cfg.model.startswith("tiny/") and f"LightningDiT-{cfg.model} at batch {cfg.batch_size}")
 
     # --- setup
-    d = Dist()
+    d = Dist(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if cfg.bench:
@@ -234,12 +264,15 @@ def main(argv=None):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume and not os.path.isfile(ckpt_path):
         fail(f"--resume was given but {ckpt_path} does not exist; drop --resume to start a new run")
-    if not cfg.resume and os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} already exists; pass --resume to continue that run or choose another --out_dir")
+    if not cfg.resume and not cfg.overwrite and os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} already exists; pass --resume to continue that run, --overwrite to start a new one in "
+             f"its place, or choose another --out_dir")
     cfg.latents = os.path.abspath(cfg.latents)
 
     # --- data
     data = LatentCache(cfg.latents)
+    if d.master:
+        lock_dir(cfg.out_dir)
     shape = (data.channels, data.size, data.size)
     model_args = dict(preset=cfg.model, in_channels=data.channels, input_size=data.size,
                       num_classes=data.num_classes, qk_norm=cfg.qk_norm)
@@ -272,6 +305,7 @@ def main(argv=None):
     d.barrier()
     log = Logger(cfg.out_dir, d.master)
     log(json.dumps(asdict(cfg)))
+    ae_path = grid_ae(cfg, data, log) if cfg.sample_every and d.master else None
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops = flops_per_image(raw_model, data.channels, data.size, data.num_classes, d.device)
     peak = peak_flops(d.device)
@@ -281,10 +315,19 @@ def main(argv=None):
         + (f" | resumed at step {step}" if cfg.resume else ""))
 
     # --- loop
+    causes = (f"a NaN in the latent cache {cfg.latents}, a zero or tiny std in its meta.json, or a NaN weight in the "
+              f"checkpoint this run resumed from")
+    saved_step = step if cfg.resume else None
+
     def save(step):
+        nonlocal saved_step
+        if n_logged:  # the guard before every checkpoint: the steps since the last log line (one sync)
+            check_finite(step, dict(zip(("loss", "grad norm"), d.all_reduce_mean(torch.stack([loss_sum, grad_sum]))
+                                        .tolist())), causes, saved_step)
         if d.master:
             save_checkpoint(ckpt_path, "dit", raw_model, cfg, step, ema=ema, opt=opt, model_args=model_args,
                             latent_meta=data.meta)
+        saved_step = step
         d.barrier()
 
     model.train()
@@ -325,13 +368,14 @@ def main(argv=None):
             eta = format_duration((cfg.max_steps - step) * cfg.batch_size / img_s) if img_s == img_s else "-"
             log(f"step {step}/{cfg.max_steps} | loss {stats[0].item():.4f} | lr {cfg.lr:.2e} | grad {stats[1].item():.3f} "
                 f"| {img_s:.1f} img/s | MFU {mfu} | mem {mem} | ETA {eta}")
+            check_finite(step, {"loss": stats[0].item(), "grad norm": stats[1].item()}, causes, saved_step)
             loss_sum.zero_(), grad_sum.zero_()
             n_logged = 0
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             save(step)
+        if ae_path and step % cfg.sample_every == 0:
+            sample_grid(cfg, ema, data, ae_path, step, d.device, log)
         if cfg.sample_every and step % cfg.sample_every == 0:
-            if d.master:
-                sample_grid(cfg, ema, data, step, d.device, log)
             d.barrier()
 
     # --- teardown
