@@ -63,7 +63,7 @@ class Config:
     decode_precision: str = "bf16"  # bf16 (bf16 decoder weights + autocast, as released) | fp32
     to_uint8: str = "truncate"  # truncate (clamp(255x) cast, as the published numbers were made) | round
     batch_size: int = 250  # samples per batch on one process = one shard file; fixed, so results ignore the rank count
-    seed: int = 0
+    seed: int = 0  # with the global sample index, it seeds each sample's noise
     compile: bool = True  # torch.compile the DiT (GPU only)
     overwrite: bool = False  # replace an existing OUT.npz / OUT.png (else refused)
     fid_ref: str = ""  # reference .npz for fid.py, run on the result at the end; empty = skip

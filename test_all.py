@@ -156,6 +156,49 @@ def test_train_dit_step0_sanity_and_overfit(tmp_path):
     assert losses[-1] < 0.25 * loss0, losses
 
 
+def test_class_conditioning_works_on_latents_whose_classes_differ(tmp_path):
+    """Independent of any tokenizer: each class is a blob around its own mean; the tiny DiT's samples of class k must
+    land nearest class k's mean, with and without guidance, and the null class (label dropout) covers them all."""
+    C, S, K, N = 4, 4, 4, 256
+    rng = np.random.default_rng(0)
+    means = rng.standard_normal((K, C, 1, 1)) * 2
+    labels = np.arange(N) % K
+    latents = (means[labels] + 0.5 * rng.standard_normal((N, C, S, S))).astype(np.float16)
+    cache = _write_cache(tmp_path / "latents", count=N, channels=C, size=S, num_classes=K)
+    np.save(cache / "latents.npy", np.stack([latents, latents[..., ::-1]], 1))
+    np.save(cache / "labels.npy", labels.astype(np.int64))
+    flat = latents.astype(np.float64).transpose(1, 0, 2, 3).reshape(C, -1)
+    meta = json.load(open(cache / "meta.json"))
+    json.dump({**meta, "mean": flat.mean(1).tolist(), "std": flat.std(1).tolist()}, open(cache / "meta.json", "w"))
+    train_dit.main(_dit_args(tmp_path, cache, batch_size=32, max_steps=1000, log_every=500, ckpt_every=1000))
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    net = build_dit(**ckpt["model_args"])
+    net.load_state_dict(ckpt["ema"])
+    centres = (torch.tensor(means, dtype=torch.float32).view(K, C) - torch.tensor(flat.mean(1)).float()) / \
+        torch.tensor(flat.std(1)).float()  # the class means in the normalised space the DiT samples in
+
+    def nearest(class_labels, scale):
+        cfg = sample.parse_config(sample.Config, ["--preset", "tiny", "--cfg_scale", str(scale), "--num_steps", "25"],
+                                  sample.PRESETS)
+        with torch.no_grad():
+            x = sample.sample_latents(net.eval(), list(range(len(class_labels))), class_labels, (C, S, S), cfg, K,
+                                      torch.device("cpu"))
+        return ((x.mean((2, 3))[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+
+    asked = [k for k in range(K) for _ in range(16)]
+    for scale in (1.0, 2.5):
+        accuracy = (nearest(asked, scale) == torch.tensor(asked)).float().mean().item()
+        assert accuracy >= 0.95, (scale, accuracy)
+    unconditional = np.bincount(nearest([K] * 64, 1.0).numpy(), minlength=K)  # label K = the null class
+    assert unconditional.min() >= 6, unconditional  # all classes, roughly evenly: the null row learned the mixture
+    train_dit.main(_dit_args(tmp_path, cache, name="nodrop", label_dropout=0.0, max_steps=20, ckpt_every=20))
+    torch.manual_seed(0)
+    initial = build_dit(**ckpt["model_args"]).y_embed.weight
+    trained = {name: torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"]["y_embed.weight"]
+               for name in ("run", "nodrop")}
+    assert torch.equal(trained["nodrop"][K], initial[K]) and not torch.equal(trained["run"][K], initial[K])
+
+
 def test_checkpoint_schema_and_resume_is_exact(tmp_path):
     cache = _write_cache(tmp_path / "latents")
     train_dit.main(_dit_args(tmp_path, cache, name="full"))
@@ -1099,9 +1142,10 @@ def test_sample_then_fid_py_with_random_inception(tmp_path, capfd):  # slow: fid
 def test_one_process_and_torchrun_two_give_identical_npz(tmp_path):
     dit_path, _ = _pipeline(tmp_path)
     extra = dict(sampler="sde", cfg_scale=2.0, cfg_interval_start=0.3)
-    _run(["sample.py", *_args(tmp_path, dit_path, "one", **extra)])
+    log = _run(["sample.py", *_args(tmp_path, dit_path, "one", **extra)])
     _run(["sample.py", *_args(tmp_path, dit_path, "two", **extra)], nproc=2)
     assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
+    assert "\r" not in log and "sampling: 3/3 shard (100%" in log  # redirected: plain progress lines, no bar
 
 
 def test_restart_skips_finished_shards_and_rejects_other_settings(tmp_path):
@@ -1643,3 +1687,34 @@ def test_a_pickle_in_the_hub_cache_is_refused_without_running(tmp_path, monkeypa
     assert not marker.exists()
     shutil.copy(LPIPS_LIN, tmp_path / "hub" / "checkpoints" / "vgg.pth")  # the published file passes the hash
     assert set(losses.LPIPS._lin_state(None)) == {f"{i}.weight" for i in range(5)}
+
+
+# -----------------------------------------------------------------------------
+# the first hour: --help from the code, the CPU guard
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_help_shows_each_fields_comment_and_the_valid_values(script, capsys):
+    cls = SCRIPTS[script]
+    with pytest.raises(SystemExit) as e:
+        model.parse_config(cls, ["--help"], getattr(sys.modules[cls.__module__], "PRESETS", None))
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    comments = model._field_comments(cls)
+    assert set(comments) == {f.name for f in dataclasses.fields(cls)}  # every field carries its comment
+    for name, comment in comments.items():
+        assert f"--{name}" in text and " ".join(comment.split()) in text, name
+    for name, valid in getattr(cls, "CHOICES", {}).items():
+        assert f"[one of: {', '.join(repr(v) for v in valid)}]" in text, name
+
+
+def test_a_paper_size_run_without_a_gpu_stops_before_it_allocates(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, so the guard lets the run through")
+    cache = _write_cache(tmp_path / "latents")
+    with pytest.raises(SystemExit, match="no GPU found, and LightningDiT-XL/1 at batch 1024 .* --preset tiny"):
+        train_dit.main(["--latents", str(cache), "--out_dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="no GPU found, and the paper-size tokenizer"):
+        train_ae.main(["--out_dir", str(tmp_path / "ae")])
+    assert sorted(os.listdir(tmp_path)) == ["latents"]
+    model.gpu_guard("cpu", "LightningDiT-XL/1")  # --device cpu: asked for explicitly, let through

@@ -69,8 +69,8 @@ class Config:
     refine_steps: int = 20_000  # stage refine length [our reading: the paper gives none]
     max_steps: int = 125_000  # stage ae length: 25 epochs of ImageNet at batch 256
     lr: float = 1e-4  # peak AdamW lr of both training stages and of the discriminator
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.95  # AdamW beta2 [our reading]
     weight_decay: float = 0.05  # on >=2-D weights only
     warmup: float = 0.05  # fraction of the steps with linear warm-up, then cosine
     min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio
@@ -80,11 +80,11 @@ class Config:
     upsample: str = "bilateral"  # structural target's feature up-sampler: bilateral | bilinear [our reading]
     lowpass: float = 0.4  # structural target's low-pass strength
     l1_weight: float = 1.0  # the paper's loss weights: L1 1, LPIPS 1, GAN 0.5, SSR 0.2, MCR 0.5, SCR 1
-    lpips_weight: float = 1.0
-    gan_weight: float = 0.5
-    ssr_weight: float = 0.2
-    mcr_weight: float = 0.5
-    scr_weight: float = 1.0
+    lpips_weight: float = 1.0  # LPIPS (VGG16) reconstruction term
+    gan_weight: float = 0.5  # generator's GAN term, from disc_start on
+    ssr_weight: float = 0.2  # SSR: token Gram matrix against the refined VFM structure
+    mcr_weight: float = 0.5  # MCR: cascaded decodings of latents rotated by 42.5 and 85 degrees
+    scr_weight: float = 1.0  # SCR: cosine to the refined targets Z_T, pooled and per token
     disc_start: int = 5000  # step at which the GAN losses switch on
     eval_images: int = 50_000  # stage eval: held-out images for PSNR / rFID (all of them if fewer)
     psnr_images: int = 1000  # held-out images for the periodic PSNR of stage ae
@@ -93,7 +93,7 @@ class Config:
     lpips_lin_weights: str = ""  # local LPIPS v0.1 vgg.pth (linear layers); "" = torch hub cache
     fid_weights: str = ""  # Inception weight file for rFID; "" = torch hub cache (no weights: rFID skipped)
     num_workers: int = 8  # data-loader processes per rank
-    seed: int = 0
+    seed: int = 0  # initial weights, data order, flips and MCR directions derive from it
     log_every: int = 50  # steps
     ckpt_every: int = 2500  # steps; also writes the PNG grid and the held-out PSNR
     resume: bool = False  # continue from OUT_DIR/ckpt_<stage>.pt (and replace its refine.pt / ae.pt when done)

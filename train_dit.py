@@ -2,10 +2,10 @@ r"""
 Train LightningDiT with flow matching on a PAE latent cache.
 
 CPU smoke run:  python train_dit.py --preset tiny --latents out/tiny/latents
-One GPU:        python train_dit.py --latents latents/
-8 GPUs:         torchrun --nproc_per_node=8 train_dit.py --latents latents/
+One GPU:        python train_dit.py --latents out/latents
+8 GPUs:         torchrun --nproc_per_node=8 train_dit.py --latents out/latents
 Two nodes:      torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
-                    train_dit.py --latents latents/
+                    train_dit.py --latents out/latents
 Resume:         add --resume (continues from OUT_DIR/ckpt.pt)
 Benchmark:      python train_dit.py --bench --model XL/1   (random latents; img/s, MFU, memory; compile off/on)
 """
@@ -37,7 +37,7 @@ from model import (DEVICES, Dist, Logger, autocast, batch_layout, build_dit, che
 @dataclass
 class Config:
     preset: str = "paper"  # paper | tiny (CPU-sized model and batch)
-    latents: str = "latents"  # latent cache directory written by train_ae.py --stage encode
+    latents: str = "out/latents"  # latent cache directory written by train_ae.py --stage encode
     out_dir: str = "out/dit"  # checkpoints, config.json, log.txt
     model: str = "XL/1"  # DiT preset SIZE/PATCH: tiny, S, B, L, XL with patch 1 or 2
     qk_norm: bool = False  # QK RMSNorm in attention (on for the 800-epoch recipe)
@@ -46,14 +46,14 @@ class Config:
     micro_batch_size: int = 0  # per-rank batch of one forward pass; 0 = batch_size / world_size
     max_steps: int = 100_000  # 80 epochs of ImageNet at batch 1024; 1M steps for 800 epochs
     lr: float = 2e-4  # constant (released LightningDiT config)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.95  # AdamW beta2 (released LightningDiT config)
     weight_decay: float = 0.0  # on >=2-D weights only
     grad_clip: float = 0.0  # max grad norm; 0 = off (the paper does not clip)
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # EMA of the weights, updated every step; sampling uses it
     time_shift: float = 0.7  # logit-normal timesteps shifted towards noise, s = 0.7
     label_dropout: float = 0.1  # labels replaced by the null class for classifier-free guidance
-    seed: int = 0
+    seed: int = 0  # initial weights and every step's data order, noise, t, flips and label drops
     log_every: int = 100  # steps
     ckpt_every: int = 5000  # steps; a checkpoint is also written at the end
     sample_every: int = 10_000  # steps; PNG grid of EMA samples (sample.py's 80ep settings) via the cache's AE; 0 = off
