@@ -38,7 +38,8 @@ from scipy.special import log_softmax, rel_entr
 from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB, InceptionC,
                                           InceptionD, InceptionE)
 
-from model import DEVICES, Dist, atomic_write, check_output, fail, file_digest, parse_config, print0, progress
+from model import (DEVICES, Dist, atomic_write, check_output, count_flops, fail, file_digest, parse_config, print0,
+                   progress, report, time_calls)
 
 # -----------------------------------------------------------------------------
 # config
@@ -53,6 +54,7 @@ class Config:
     weights: str = ""  # local pt_inception-2015-12-05-6726825d.pth; "" = download once into the torch hub cache
     batch_size: int = 256  # global images per forward pass, split evenly over the ranks
     preset: str = "paper"  # paper | tiny (batch 32, for a CPU laptop)
+    bench: bool = False  # time feature extraction (img/s) on random 256 px images and random weights; no files needed
     device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda
 
     CHOICES = {"device": DEVICES}
@@ -478,11 +480,27 @@ def check_source(path, what):
         check_images(npz_images(path), f"{what} {path}: arr_0")
 
 
+def bench(cfg, d, batches=4):
+    """img/s of Inception feature extraction (TF resize to 299, fp32, TF32 off) on random 256 px uint8 images."""
+    net = load_inception("random", d.device)
+    per_rank = cfg.batch_size // d.world_size
+    images = torch.randint(0, 256, (batches * per_rank, 256, 256, 3), dtype=torch.uint8)
+    with exact_fp32():
+        flops = count_flops(lambda: net(preprocess(images[:1], d.device)))
+    seconds = time_calls(lambda: inception_features(net, images, per_rank), 1, d.device, warmup=1)
+    report(f"fid.py Inception, batch {per_rank}", len(images) / seconds, "img", flops, d.device, False,
+           f"{flops / 1e9:.1f} GFLOP/img; 50,000 samples take {50_000 / (len(images) / seconds):.0f} s here")
+
+
 def main():
     argv = sys.argv[1:]
     if argv and not argv[0].startswith("-"):
         argv = ["--samples", *argv]  # `python fid.py SAMPLES ...`
     cfg = parse_config(Config, argv, PRESETS)
+    if cfg.bench:
+        d = Dist(cfg.device)
+        bench(cfg, d)
+        return d.teardown()
     if not cfg.samples:
         fail("give the images to score: python fid.py SAMPLES [--ref REF] (see --help)")
     for path, what in ((cfg.samples, "SAMPLES"), (cfg.ref, "--ref")):  # before the weights load (or download)

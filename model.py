@@ -593,8 +593,16 @@ def structural_target(images01, vfm_tokens, upsample="bilateral", lowpass=0.4):
         fail(f"unknown up-sampling {upsample!r}; valid: bilateral, bilinear")
     g = math.isqrt(vfm_tokens.shape[1])
     with torch.autocast(vfm_tokens.device.type, enabled=False):  # a target: fp32 throughout
+        if upsample == "bilinear":  # no image guidance: one matrix for every image, computed once per shape
+            key = (g, tuple(images01.shape[-2:]), lowpass, str(images01.device))
+            if key not in _BILINEAR_MIXING:
+                _BILINEAR_MIXING[key] = _structural_mixing(images01[:1].float(), g, upsample, lowpass)[0]
+            return _BILINEAR_MIXING[key] @ vfm_tokens.float()
         mixing = [_structural_mixing(chunk, g, upsample, lowpass) for chunk in images01.float().split(8)]
         return torch.cat(mixing) @ vfm_tokens.float()  # chunks of 8 images bound memory: (8, N, 256, 256)
+
+
+_BILINEAR_MIXING = {}  # (grid, image size, lowpass, device) -> (N, N)
 
 
 # -----------------------------------------------------------------------------
@@ -1243,6 +1251,38 @@ def peak_flops(device):
         if key in name:
             return flops
     return None
+
+
+def report(what, rate, unit, flops, device, compiled, extra=""):
+    """One benchmark line: throughput (units/s), MFU when the FLOPs per unit are counted and the device's peak is
+    known, peak memory, and for a compiled run the graph breaks torch.compile made."""
+    peak = peak_flops(device)
+    mfu = f"{100 * rate * flops / peak:.1f}%" if flops and peak else "n/a"
+    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a (CPU)"
+    breaks = f" | graph breaks {sum(torch._dynamo.utils.counters['graph_break'].values())}" if compiled else ""
+    print(f"bench {what} compile={compiled}: {rate:.4g} {unit}/s | MFU {mfu} | peak memory {mem}{breaks}"
+          + (f" | {extra}" if extra else ""), flush=True)
+
+
+def time_calls(fn, steps, device, warmup=2):
+    """Seconds per call of fn() after `warmup` calls (compilation, allocator), the device synchronised around the
+    timed calls; the peak-memory counter is reset after the warm-up."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_modes(cfg):
+    """Compile off, then on (unless --compile false): each bench reports both."""
+    return (False, True) if cfg.compile else (False,)
 
 
 def count_flops(fn):

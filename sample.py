@@ -35,8 +35,9 @@ import torch
 from torchvision.utils import save_image
 
 from losses import shift_time
-from model import (DEVICES, Dist, atomic_write, build_dit, check_output, fail, file_digest, gpu_guard, load_checkpoint,
-                   lock_dir, pae_from_checkpoint, parse_config, print0, progress, read_latent_meta)
+from model import (DEVICES, Dist, atomic_write, bench_modes, build_dit, build_pae, check_output, count_flops, fail,
+                   file_digest, format_duration, gpu_guard, load_checkpoint, lock_dir, pae_from_checkpoint,
+                   parse_config, print0, progress, read_latent_meta, report, time_calls)
 
 # -----------------------------------------------------------------------------
 # config
@@ -68,6 +69,7 @@ class Config:
     overwrite: bool = False  # replace an existing OUT.npz / OUT.png (else refused)
     fid_ref: str = ""  # reference .npz for fid.py, run on the result at the end; empty = skip
     fid_weights: str = ""  # fid.py --weights: local Inception file ("random" for tests); empty = fid.py's default
+    bench: bool = False  # time one batch of the whole sampler on random weights (XL/1 + decoder L); no checkpoint needed
     device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda
 
     CHOICES = {"sampler": ("ode", "sde"), "dit_precision": ("fp32", "bf16"), "decode_precision": ("fp32", "bf16"),
@@ -131,13 +133,13 @@ def guided_velocity(model, labels, cfg_scale, cfg_interval_start, null_class):
     """v(x, t) of the DiT with CFG v_u + w*(v_c - v_u) where t >= cfg_interval_start (both passes in one batch),
     in x's dtype; the caller chooses the precision (e.g. a bf16 autocast around the sampler)."""
 
+    both = torch.cat([labels, torch.full_like(labels, null_class)])  # conditional and unconditional, built once
+
     def velocity(x, t):
-        t_batch = torch.full((len(x),), t, device=x.device)
         if cfg_scale == 1 or t < cfg_interval_start:  # guidance off: the conditional pass alone
-            return model(x, t_batch, labels).to(x.dtype)
-        null = torch.full_like(labels, null_class)
-        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]),
-                                 torch.cat([labels, null])).to(x.dtype).chunk(2)
+            return model(x, torch.full((len(x),), t, device=x.device), labels).to(x.dtype)
+        v_cond, v_uncond = model(torch.cat([x, x]), torch.full((2 * len(x),), t, device=x.device),
+                                 both).to(x.dtype).chunk(2)
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 
     return velocity
@@ -244,6 +246,44 @@ def latent_meta(ckpt, path, latent_stats=""):
 
 
 # -----------------------------------------------------------------------------
+# --bench: the sampler at the paper's sizes on random weights
+
+
+def bench(cfg, d):
+    """samples/s of one batch through the whole sampler (the DiT over the grid with interval CFG, then the bf16
+    decoder) on random weights, compile off and on, and the projected time of 50,000 samples on 8 such GPUs."""
+    tiny = cfg.preset == "tiny"
+    torch.manual_seed(cfg.seed)
+    pae = prepare_decoder(build_pae(preset="tiny" if tiny else None, pretrained=False).to(d.device).eval(),
+                          cfg.decode_precision)
+    shape, num_classes = (32, pae.vfm.grid, pae.vfm.grid), 1000
+    raw = build_dit("tiny/1" if tiny else "XL/1", shape[0], shape[1], num_classes=num_classes).to(d.device).eval()
+    indices, labels = list(range(cfg.batch_size)), [i % num_classes for i in range(cfg.batch_size)]
+    grid = shifted_grid(0.0, 1.0, cfg.num_steps, cfg.time_shift).tolist()[:-1] if cfg.sampler == "ode" else \
+        [0.0] * cfg.num_steps  # the SDE never guides in the paper's protocol; its passes are counted alike
+    passes = sum(2 if cfg.cfg_scale != 1 and t >= cfg.cfg_interval_start else 1 for t in grid)  # per sample
+    x, t, y = torch.zeros(1, *shape, device=d.device), torch.full((1,), 0.5, device=d.device), torch.zeros(
+        1, dtype=torch.long, device=d.device)
+    flops = passes * count_flops(lambda: raw(x, t, y)) + count_flops(lambda: decode(pae, x, cfg.decode_precision))
+    for compiled in bench_modes(cfg):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model = torch.compile(raw) if compiled else raw
+
+        def one_batch():
+            with torch.no_grad():
+                latent = sample_latents(model, indices, labels, shape, cfg, num_classes, d.device)
+                return decode(pae, latent, cfg.decode_precision)
+
+        seconds = time_calls(one_batch, 1, d.device, warmup=1)
+        rate = cfg.batch_size / seconds
+        report(f"sample {'tiny/1' if tiny else 'XL/1'} + decoder, batch {cfg.batch_size}, {cfg.num_steps}-point "
+               f"{cfg.sampler} grid, CFG {cfg.cfg_scale} from t = {cfg.cfg_interval_start}, DiT {cfg.dit_precision}",
+               rate, "sample", flops, d.device, compiled, f"{passes} DiT passes per sample, {flops / 1e12:.2f} TFLOP "
+               f"per sample | 50,000 samples on 8 such devices: {format_duration(50_000 / (8 * rate))}")
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -251,6 +291,12 @@ def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS)
     if cfg.num_steps < 2:
         fail(f"--num_steps {cfg.num_steps} is too small; the time grid needs at least 2 points")
+    if cfg.bench:
+        gpu_guard(cfg.device, cfg.preset != "tiny" and "sampling LightningDiT-XL/1 with the decoder L")
+        d = Dist(cfg.device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the release samples
+        bench(cfg, d)
+        return d.teardown()
     png = os.path.splitext(cfg.out)[0] + ".png"
     for path in (cfg.out, png):  # before anything is loaded: never over an input, never a finished result silently
         check_output(path, cfg.overwrite, inputs=(cfg.ckpt, cfg.ae_ckpt, cfg.latent_stats, cfg.fid_ref))

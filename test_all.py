@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 
 import lpips as lpips_pkg
 import numpy as np
@@ -202,10 +203,13 @@ def test_class_conditioning_works_on_latents_whose_classes_differ(tmp_path):
 def test_checkpoint_schema_and_resume_is_exact(tmp_path):
     cache = _write_cache(tmp_path / "latents")
     train_dit.main(_dit_args(tmp_path, cache, name="full"))
+    train_dit.main(_dit_args(tmp_path, cache, name="again"))
     train_dit.main(_dit_args(tmp_path, cache, name="split", max_steps=3))
     train_dit.main(_dit_args(tmp_path, cache, name="split", resume=True))
     full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
     split = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    again = torch.load(tmp_path / "again" / "ckpt.pt", weights_only=True)  # the same seed: the same run, bit for bit
+    assert all(torch.equal(v, again[key][k]) for key in ("model", "ema") for k, v in full[key].items())
     assert full["kind"] == "dit" and full["step"] == split["step"] == 6
     assert full["model_args"]["in_channels"] == 4 and full["config"]["latents"] == str(cache)
     for key in ("model", "ema"):
@@ -213,6 +217,31 @@ def test_checkpoint_schema_and_resume_is_exact(tmp_path):
         for name, value in full[key].items():
             assert torch.equal(value, split[key][name]), name
     assert "resumed at step 3" in _log(tmp_path / "split")
+
+
+def test_prefetcher_delivers_each_steps_rows_and_stops_cleanly(tmp_path, monkeypatch):
+    data = train_dit.LatentCache(str(_write_cache(tmp_path / "latents")))
+    cfg = model.parse_config(train_dit.Config, ["--preset", "tiny", "--batch_size", "8"], train_dit.PRESETS)
+    rows = slice(4, 8)  # rank 1 of 2
+    reader = train_dit.Prefetcher(data, cfg, rows, 5, torch.device("cpu"))  # a resumed run starts at its step
+    for step in (5, 6, 7):
+        latents, labels = reader.get(step)
+        indices = data.indices(step, 8, cfg.seed)[rows]
+        want = torch.from_numpy(data.latents[indices, train_dit.step_flips(cfg, step)[rows].astype(int)])
+        assert torch.equal(latents, want) and torch.equal(labels, torch.from_numpy(data.labels[indices]))
+    reader.close()
+    assert not reader.thread.is_alive()
+    threads = threading.active_count()
+    monkeypatch.setattr(data, "read", lambda *a: 1 / 0)  # the reader fails: get() raises its error
+    reader = train_dit.Prefetcher(data, cfg, rows, 0, torch.device("cpu"))
+    with pytest.raises(ZeroDivisionError):
+        reader.get(0)
+    reader.close()
+    monkeypatch.undo()
+    monkeypatch.setattr(train_dit, "train_step", lambda *a: 1 / 0)  # the step fails: the run ends, no thread left
+    with pytest.raises(ZeroDivisionError):
+        train_dit.main(_dit_args(tmp_path, str(tmp_path / "latents")))
+    assert threading.active_count() == threads
 
 
 def test_ddp_two_processes_match_one(tmp_path):  # slow: two processes, one of them compiling
@@ -1414,7 +1443,7 @@ def test_readme_quickstart_pipeline(tmp_path):  # the suite's slowest test: the 
     saved = json.loads((out / "eval.json").read_text())
     assert {k: saved[k] for k in metrics} == pytest.approx(metrics, abs=1e-4)  # the line and eval.json agree
     assert 10 < metrics["psnr"] < 60 and 0 <= metrics["gsq"] <= 1 and metrics["lpc"] >= 0
-    assert "rFID skipped" in logs and "--weights" in logs  # says how to get the Inception weights
+    assert "rFID skipped" in logs and "--fid_weights" in logs  # says how to get the Inception weights, with its flag
 
 
 def test_readme_flags_exist_in_their_scripts():
@@ -1718,3 +1747,20 @@ def test_a_paper_size_run_without_a_gpu_stops_before_it_allocates(tmp_path):
         train_ae.main(["--out_dir", str(tmp_path / "ae")])
     assert sorted(os.listdir(tmp_path)) == ["latents"]
     model.gpu_guard("cpu", "LightningDiT-XL/1")  # --device cpu: asked for explicitly, let through
+
+
+# -----------------------------------------------------------------------------
+# throughput: every --bench runs at a tiny size (its figures are printed, not asserted)
+
+
+def test_every_bench_runs_on_cpu_at_a_tiny_size(capsys):
+    train_dit.main(["--bench", "--preset", "tiny", "--bench_steps", "2"])
+    train_ae.main(["--bench", "--preset", "tiny", "--bench_steps", "1", "--micro_batch_size", "2"])
+    sample.main(["--bench", "--preset", "tiny", "--batch_size", "4", "--num_steps", "6"])
+    _fid_main(["--bench", "--batch_size", "2"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bench ")]
+    for what in ("train_dit tiny/1", "train_dit input, batch 1024 on 8 ranks", "train_ae refine", "train_ae ae",
+                 "train_ae encode", "sample tiny/1 + decoder", "fid.py Inception"):
+        assert any(line.startswith(f"bench {what}") for line in lines), what
+    assert all(" img/s" in line or " sample/s" in line or "ms/step" in line for line in lines)
+    assert any("50,000 samples on 8 such devices" in line for line in lines)

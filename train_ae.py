@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -40,9 +40,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fid
 import losses
 import model as M
-from model import (Dist, Logger, autocast, batch_layout, check_finite, check_output, count_flops, ema_update, fail,
-                   format_duration, gpu_guard, load_checkpoint, lock_dir, make_optimizer, parse_config, peak_flops,
-                   progress, save_checkpoint, save_config)
+from model import (Dist, Logger, autocast, batch_layout, bench_modes, check_finite, check_output, count_flops,
+                   ema_update, fail, format_duration, gpu_guard, load_checkpoint, lock_dir, make_optimizer, parse_config,
+                   peak_flops, progress, report, save_checkpoint, save_config, time_calls)
 
 # -----------------------------------------------------------------------------
 # config
@@ -98,12 +98,14 @@ class Config:
     ckpt_every: int = 2500  # steps; also writes the PNG grid and the held-out PSNR
     resume: bool = False  # continue from OUT_DIR/ckpt_<stage>.pt (and replace its refine.pt / ae.pt when done)
     compile: bool = True  # torch.compile the training step (GPU only; ignored on CPU)
+    bench: bool = False  # time the refine step, the ae step (every loss, GAN on) and encode on random images and weights
+    bench_steps: int = 5  # timed steps per bench setting
     device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda
 
     CHOICES = {"stage": ("", "refine", "ae", "encode", "eval"), "vfm": tuple(M.VFM_PRESETS),
                "decoder": tuple(M.DECODER_PRESETS), "upsample": ("bilateral", "bilinear"), "device": M.DEVICES}
     POSITIVE = ("image_size", "synthetic_size", "batch_size", "refine_steps", "max_steps", "lr", "log_every",
-                "ckpt_every", "eval_images", "psnr_images")
+                "ckpt_every", "eval_images", "psnr_images", "bench_steps")
     NONNEGATIVE = ("micro_batch_size", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "ema_decay",
                    "gram_weight", "lowpass", "l1_weight", "lpips_weight", "gan_weight", "ssr_weight", "mcr_weight",
                    "scr_weight", "disc_start", "lpc_images", "num_workers", "seed")
@@ -356,8 +358,8 @@ class LossModule(torch.nn.Module):
 
 
 def wrap(cfg, d, module):
-    """Order of STYLE.md: the raw module is kept for saving and EMA; compile (GPU), then DDP."""
-    if cfg.compile and d.device.type == "cuda":
+    """The raw module is kept for saving and EMA; compile (on a GPU, or in --bench to count graph breaks), then DDP."""
+    if cfg.compile and (d.device.type == "cuda" or cfg.bench):
         module = torch.compile(module)
     if d.world_size > 1:
         module = DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
@@ -457,10 +459,11 @@ def sync_context(module, sync):
     return module.no_sync() if isinstance(module, DDP) and not sync else torch.enable_grad()
 
 
-def new_pae(cfg, d):
-    """The PAE of the config on the device (random tiny VFM under --preset tiny)."""
+def new_pae(cfg, d, pretrained=True):
+    """The PAE of the config on the device (random tiny VFM under --preset tiny; random VFM without pretrained)."""
     return M.build_pae(vfm=cfg.vfm, decoder=cfg.decoder, preset="tiny" if cfg.preset == "tiny" else None,
-                       vfm_weights=cfg.vfm_weights or None, image_size=cfg.image_size).to(d.device)
+                       vfm_weights=cfg.vfm_weights or None, image_size=cfg.image_size,
+                       pretrained=pretrained).to(d.device)
 
 
 def start_or_resume(cfg, log, path, kind, arch_key, arch, states):
@@ -486,6 +489,35 @@ def start_or_resume(cfg, log, path, kind, arch_key, arch, states):
 # stage refine: P_t / Q_t on frozen VFM features
 
 
+def refine_step(cfg, d, vfm, refiner, opt):
+    """(step, refine_fn): step(batches) runs one optimizer step of P_t / Q_t over this rank's micro-batches
+    [(images01, seed)] and returns the summed loss parts; refine_fn(images) is the loss of one micro-batch."""
+
+    def refine_fn(images):
+        with torch.no_grad():
+            vfm_tokens = vfm(images)  # (B, N, W)
+            H_ref = M.structural_target(images, vfm_tokens, cfg.upsample, cfg.lowpass)
+        return losses.refine_loss(refiner, vfm_tokens, H_ref, cfg.gram_weight)
+
+    refine_train = wrap(cfg, d, LossModule(refine_fn, refiner=refiner))
+
+    def step(batches):
+        parts_sum = {}
+        for k, (images, seed) in enumerate(batches):
+            torch.manual_seed(seed)
+            with sync_context(refine_train, k == len(batches) - 1), autocast(d.device):
+                loss, parts = refine_train(images)
+                (loss / len(batches)).backward()
+            for key, value in {"loss": loss, **parts}.items():
+                parts_sum[key] = parts_sum.get(key, 0) + value.detach().float() / len(batches)
+        parts_sum["grad"] = torch.nn.utils.clip_grad_norm_(refiner.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return parts_sum
+
+    return step, refine_fn
+
+
 def refine_stage(cfg, d, log):
     ckpt_path, final_path = os.path.join(cfg.out_dir, "ckpt_refine.pt"), os.path.join(cfg.out_dir, "refine.pt")
     torch.manual_seed(cfg.seed)
@@ -496,13 +528,7 @@ def refine_stage(cfg, d, log):
     step = start_or_resume(cfg, log, ckpt_path, "refine", "refiner_args", refiner.refiner_args,
                            {"model": refiner, "opt": opt})
 
-    def refine_fn(images):
-        with torch.no_grad():
-            vfm_tokens = vfm(images)  # (B, N, W)
-            H_ref = M.structural_target(images, vfm_tokens, cfg.upsample, cfg.lowpass)
-        return losses.refine_loss(refiner, vfm_tokens, H_ref, cfg.gram_weight)
-
-    refine_train = wrap(cfg, d, LossModule(refine_fn, refiner=refiner))
+    train_step, refine_fn = refine_step(cfg, d, vfm, refiner, opt)
     _, micro, accum = batch_layout(cfg, d)
     dataset = make_dataset(cfg)
     flops = step_flops(lambda: refine_fn(probe.expand(micro, -1, -1, -1))[0].backward()) / micro
@@ -520,17 +546,7 @@ def refine_stage(cfg, d, log):
         for group in opt.param_groups:
             group["lr"] = lr
         batches, skipped = micro_batches(cfg, d, loader, step)
-        parts_sum = {}
-        for k, (images, seed) in enumerate(batches):
-            torch.manual_seed(seed)
-            with sync_context(refine_train, k == accum - 1), autocast(d.device):
-                loss, parts = refine_train(images)
-                (loss / accum).backward()
-            for key, value in {"loss": loss, **parts}.items():
-                parts_sum[key] = parts_sum.get(key, 0) + value.detach().float() / accum
-        parts_sum["grad"] = torch.nn.utils.clip_grad_norm_(refiner.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        parts_sum = train_step(batches)
         step += 1
         meter.add(step, parts_sum, skipped)
         if step % cfg.log_every == 0 or step == cfg.refine_steps:
@@ -654,6 +670,57 @@ def make_lpips(cfg):
 # stage ae: the PAE tokenizer with all the paper's losses, on our training recipe
 
 
+def ae_step(cfg, d, pae, refiner, lpips_net, disc, opt, disc_opt, ema=None):
+    """(step, generator_loss): step(batches, gan_on) runs one optimizer step of stage ae over this rank's
+    micro-batches [(images01, seed)] (the generator with every loss, the EMA, then the discriminator's hinge loss on
+    the step's reconstructions) and returns the summed loss parts; generator_loss(pae, images, gan_on) is one
+    micro-batch's generator loss."""
+    weights = dict(l1=cfg.l1_weight, lpips=cfg.lpips_weight, gan=cfg.gan_weight, ssr=cfg.ssr_weight,
+                   mcr=cfg.mcr_weight, scr=cfg.scr_weight)
+
+    def generator_loss(pae_module, images, gan_on):
+        out = pae_module(images, thetas_deg=THETAS if cfg.mcr_weight else ())  # encode, decode, rotated decodes
+        total, parts = losses.pae_loss(out, images, lpips_net, refiner, disc if gan_on else None, **weights,
+                                       upsample=cfg.upsample, lowpass=cfg.lowpass)
+        return total, parts, out["recon"]
+
+    def disc_fn(images, fakes):
+        return losses.hinge_d_loss(disc(images * 2 - 1), disc(fakes * 2 - 1))
+
+    pae_train = wrap(cfg, d, pae)
+    disc_train = wrap(cfg, d, LossModule(disc_fn, disc=disc))
+
+    def step(batches, gan_on):
+        accum, parts_sum, fakes = len(batches), {}, []
+        disc.requires_grad_(False)  # the generator step only needs gradients through D, not of D
+        for k, (images, seed) in enumerate(batches):
+            torch.manual_seed(seed)  # MCR directions: a function of (step, global micro-batch)
+            with sync_context(pae_train, k == accum - 1), autocast(d.device):
+                total, parts, recon = generator_loss(pae_train, images, gan_on)
+                (total / accum).backward()
+            fakes.append(recon.detach())
+            for key, value in {"loss": total, **parts}.items():
+                parts_sum[key] = parts_sum.get(key, 0) + value.detach().float() / accum
+        parts_sum["grad"] = torch.nn.utils.clip_grad_norm_(list(pae.trainable_parameters()), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema_update(ema, pae, cfg.ema_decay)
+        disc.requires_grad_(True)
+        if gan_on:  # hinge loss for D on this step's reconstructions
+            for k, ((images, _), fake) in enumerate(zip(batches, fakes)):
+                with sync_context(disc_train, k == accum - 1), autocast(d.device):
+                    disc_loss = disc_train(images, fake)
+                    (disc_loss / accum).backward()
+                parts_sum["disc"] = parts_sum.get("disc", 0) + disc_loss.detach().float() / accum
+            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+            disc_opt.step()
+            disc_opt.zero_grad(set_to_none=True)
+        return parts_sum
+
+    return step, generator_loss
+
+
 def ae_stage(cfg, d, log, refine_path):
     ckpt_path, final_path = os.path.join(cfg.out_dir, "ckpt_ae.pt"), os.path.join(cfg.out_dir, "ae.pt")
     tiny = cfg.preset == "tiny"
@@ -678,20 +745,7 @@ def ae_stage(cfg, d, log, refine_path):
     disc_opt = make_optimizer(cfg, disc.parameters(), d.device)
     step = start_or_resume(cfg, log, ckpt_path, "pae", "pae_args", pae.pae_args,
                            {"model": pae, "ema": ema, "opt": opt, "disc": disc, "disc_opt": disc_opt})
-    weights = dict(l1=cfg.l1_weight, lpips=cfg.lpips_weight, gan=cfg.gan_weight, ssr=cfg.ssr_weight,
-                   mcr=cfg.mcr_weight, scr=cfg.scr_weight)
-
-    def generator_loss(pae_module, images, gan_on):
-        out = pae_module(images, thetas_deg=THETAS if cfg.mcr_weight else ())  # encode, decode, rotated decodes
-        total, parts = losses.pae_loss(out, images, lpips_net, refiner, disc if gan_on else None, **weights,
-                                       upsample=cfg.upsample, lowpass=cfg.lowpass)
-        return total, parts, out["recon"]
-
-    def disc_fn(images, fakes):
-        return losses.hinge_d_loss(disc(images * 2 - 1), disc(fakes * 2 - 1))
-
-    pae_train = wrap(cfg, d, pae)
-    disc_train = wrap(cfg, d, LossModule(disc_fn, disc=disc))
+    train_step, generator_loss = ae_step(cfg, d, pae, refiner, lpips_net, disc, opt, disc_opt, ema)
     _, micro, accum = batch_layout(cfg, d)
     dataset, held_out = make_dataset(cfg), make_dataset(cfg, held_out=True)
     probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=d.device)  # one image: no memory spike
@@ -725,32 +779,8 @@ def ae_stage(cfg, d, log, refine_path):
         lr = get_lr(cfg, step, cfg.max_steps)
         for group in opt.param_groups + disc_opt.param_groups:
             group["lr"] = lr
-        gan_on = step >= cfg.disc_start
         batches, skipped = micro_batches(cfg, d, loader, step)
-        parts_sum, fakes = {}, []
-        disc.requires_grad_(False)  # the generator step only needs gradients through D, not of D
-        for k, (images, seed) in enumerate(batches):
-            torch.manual_seed(seed)  # MCR directions: a function of (step, global micro-batch)
-            with sync_context(pae_train, k == accum - 1), autocast(d.device):
-                total, parts, recon = generator_loss(pae_train, images, gan_on)
-                (total / accum).backward()
-            fakes.append(recon.detach())
-            for key, value in {"loss": total, **parts}.items():
-                parts_sum[key] = parts_sum.get(key, 0) + value.detach().float() / accum
-        parts_sum["grad"] = torch.nn.utils.clip_grad_norm_(list(pae.trainable_parameters()), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema_update(ema, pae, cfg.ema_decay)
-        disc.requires_grad_(True)
-        if gan_on:  # hinge loss for D on this step's reconstructions
-            for k, ((images, _), fake) in enumerate(zip(batches, fakes)):
-                with sync_context(disc_train, k == accum - 1), autocast(d.device):
-                    disc_loss = disc_train(images, fake)
-                    (disc_loss / accum).backward()
-                parts_sum["disc"] = parts_sum.get("disc", 0) + disc_loss.detach().float() / accum
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
-            disc_opt.step()
-            disc_opt.zero_grad(set_to_none=True)
+        parts_sum = train_step(batches, gan_on=step >= cfg.disc_start)
         step += 1
         meter.add(step, parts_sum, skipped)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -793,6 +823,51 @@ def eval_stage(cfg, d, log, ae_path):
     return metrics
 
 # -----------------------------------------------------------------------------
+# --bench: the three stages' throughput at the configured size, on random images and weights (nothing downloaded)
+
+
+def bench(cfg, d):
+    """img/s, MFU (FLOPs counted once), peak memory and graph breaks of stage refine's step, stage ae's step (every
+    loss, GAN on; MFU from the generator's FLOPs) and of encoding (image and flip), compile off and on."""
+    micro = cfg.micro_batch_size or min(32, max(1, cfg.batch_size // d.world_size))
+    images = torch.rand(micro, 3, cfg.image_size, cfg.image_size, device=d.device)
+    batches = [(images, 0)]
+    for compiled in bench_modes(cfg):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        run = replace(cfg, compile=compiled)
+        torch.manual_seed(cfg.seed)
+        pae = new_pae(run, d, pretrained=False)
+        refiner = M.build_refiner(pae.vfm.width, preset="tiny" if cfg.preset == "tiny" else None).to(d.device)
+        step, refine_fn = refine_step(run, d, pae.vfm, refiner, make_optimizer(cfg, refiner.parameters(), d.device))
+        flops = step_flops(lambda: refine_fn(images[:1])[0].backward())
+        refiner.zero_grad(set_to_none=True)
+        seconds = time_calls(lambda: step(batches), cfg.bench_steps, d.device)
+        report(f"train_ae refine micro-batch {micro}", micro / seconds, "img", flops, d.device, compiled,
+               f"{flops / 1e9:.1f} GFLOP/img fwd+bwd")
+        refiner.requires_grad_(False).eval()
+        disc = M.PatchDiscriminator().to(d.device)
+        step, generator_loss = ae_step(run, d, pae, refiner, losses.LPIPS(pretrained=False).to(d.device), disc,
+                                       make_optimizer(cfg, pae.trainable_parameters(), d.device),
+                                       make_optimizer(cfg, disc.parameters(), d.device))
+        flops = step_flops(lambda: generator_loss(pae, images[:1], True)[0].backward())
+        pae.zero_grad(set_to_none=True)
+        seconds = time_calls(lambda: step(batches, gan_on=True), cfg.bench_steps, d.device)
+        report(f"train_ae ae micro-batch {micro}", micro / seconds, "img", flops, d.device, compiled,
+               f"{flops / 1e9:.1f} GFLOP/img generator fwd+bwd (+ discriminator)")
+        pae.eval()
+        encode = torch.compile(pae.encode) if compiled else pae.encode
+
+        def encode_pair():
+            with torch.no_grad(), autocast(d.device):
+                return torch.stack([encode(images), encode(images.flip(-1))], dim=1)
+
+        flops = count_flops(lambda: pae.encode(images[:1]))
+        seconds = time_calls(encode_pair, cfg.bench_steps, d.device)
+        report(f"train_ae encode batch {micro}", micro / seconds, "img", 2 * flops, d.device, compiled,
+               f"{flops / 1e9:.1f} GFLOP per encode; each image is encoded with its flip")
+
+# -----------------------------------------------------------------------------
 # main
 
 
@@ -802,6 +877,11 @@ def main(argv=None):
     if tiny and (cfg.vfm, cfg.decoder) != (Config.vfm, Config.decoder):
         fail("--preset tiny builds its own tiny VFM and decoder; drop --vfm/--decoder, or use --preset paper")
     gpu_guard(cfg.device, not tiny and f"the paper-size tokenizer (VFM {cfg.vfm}, decoder {cfg.decoder})")
+    if cfg.bench:
+        d = Dist(cfg.device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        bench(cfg, d)
+        return d.teardown()
     cfg.latents = os.path.abspath(cfg.latents or os.path.join(cfg.out_dir, "latents"))
 
     # --- plan: every output is checked before anything is written, so a mistaken rerun changes nothing

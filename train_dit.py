@@ -14,13 +14,18 @@ Benchmark:      python train_dit.py --bench --model XL/1   (random latents; img/
 # imports
 
 import copy
+import dataclasses
 import json
 import os
+import queue
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from numpy.lib.format import open_memmap
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.utils import save_image
 
@@ -28,7 +33,8 @@ import sample
 from losses import flow_matching_loss, sample_timesteps
 from model import (DEVICES, Dist, Logger, autocast, batch_layout, build_dit, check_finite, count_flops, dit_preset,
                    ema_update, fail, file_digest, format_duration, gpu_guard, load_checkpoint, lock_dir, make_optimizer,
-                   pae_from_checkpoint, parse_config, peak_flops, read_latent_meta, save_checkpoint, save_config)
+                   bench_modes, pae_from_checkpoint, parse_config, peak_flops, read_latent_meta, report, save_checkpoint,
+                   save_config)
 
 # -----------------------------------------------------------------------------
 # config
@@ -123,26 +129,85 @@ class LatentCache:
             out[sel] = self._perms[epoch][positions[sel] % self.count]
         return out
 
-    def load(self, indices, flips, device):
-        """Normalised latents (B, C, H, W) float32 and labels (B,) on device."""
+    def read(self, indices, flips):
+        """Raw latents (B, C, H, W) float16 and labels (B,) of the given rows, on the CPU; pinned when there is a GPU,
+        so the copy to it does not block."""
         order = np.argsort(indices)  # sorted reads are kinder to the memory map
         rows = self.latents[indices[order], flips[order].astype(np.int64)]
-        latents = torch.empty(len(indices), self.channels, self.size, self.size)
-        latents[torch.from_numpy(order)] = torch.from_numpy(rows.astype(np.float32))
-        latents = (latents - self.mean) / self.std
-        return latents.to(device, non_blocking=True), torch.from_numpy(self.labels[indices]).to(device)
+        pin = torch.cuda.is_available()
+        latents = torch.empty(len(indices), self.channels, self.size, self.size, dtype=torch.float16, pin_memory=pin)
+        latents[torch.from_numpy(order)] = torch.from_numpy(rows)
+        labels = torch.from_numpy(self.labels[indices])
+        return latents, labels.pin_memory() if pin else labels
+
+    def to(self, device):
+        """Keep the statistics on the device, so normalising a step's latents copies nothing from the host."""
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    def normalise(self, latents):
+        """(x - mean) / std per channel, in fp32 (the statistics must be on the latents' device: to())."""
+        return (latents.float() - self.mean) / self.std
 
 
-def step_randomness(cfg, step, shape, num_classes, device):
-    """Noise, timesteps, flips and label drops of the whole global batch, seeded by (seed, step) only:
-    identical for any world size and after a resume."""
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
+def step_flips(cfg, step):
+    """The whole global batch's horizontal flips of a step (bool array), from a CPU generator seeded by (seed, step):
+    the reader thread needs them on the host to pick the memory-mapped rows."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return (torch.rand(cfg.batch_size, generator=gen) < 0.5).numpy()
+
+
+def step_randomness(cfg, step, shape, device):
+    """Label drops, timesteps and noise of the whole global batch, drawn on the device from a generator seeded by
+    (seed, step): every rank draws all of them and keeps its slice, so they are identical for any world size and
+    after a resume. On CUDA the Philox generator makes them bit-identical across runs and GPU counts, and across
+    GPU models; they differ from the CPU's draws."""
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
     B = cfg.batch_size
-    flips = torch.rand(B, generator=gen) < 0.5
-    drop = torch.rand(B, generator=gen) < cfg.label_dropout
-    t = sample_timesteps(B, cfg.time_shift, generator=gen)
-    noise = torch.randn(B, *shape, generator=gen)
-    return flips.numpy(), drop.to(device), t.to(device), noise.to(device)
+    drop = torch.rand(B, generator=gen, device=device) < cfg.label_dropout
+    t = sample_timesteps(B, cfg.time_shift, generator=gen, device=device)
+    noise = torch.randn(B, *shape, generator=gen, device=device)
+    return drop, t, noise
+
+
+class Prefetcher:
+    """A background thread reads this rank's latents and labels of the next steps into (pinned) CPU memory while the
+    current step runs; get(step) hands them over and starts their copy to the device without blocking. A step's
+    data is a pure function of the step, so a resumed run just starts the thread at its step. An error in the thread
+    is raised by get(); close() stops the thread (call it in a finally, so an error in the loop never hangs)."""
+
+    def __init__(self, data, cfg, rows, start_step, device, depth=2):
+        self.data, self.cfg, self.rows, self.device = data, cfg, rows, device
+        self.queue, self.stopped = queue.Queue(maxsize=depth), threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(start_step,), daemon=True)
+        self.thread.start()
+
+    def _put(self, item):
+        while not self.stopped.is_set():
+            try:
+                return self.queue.put(item, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def _read(self, step):
+        try:
+            while not self.stopped.is_set():
+                indices = self.data.indices(step, self.cfg.batch_size, self.cfg.seed)[self.rows]
+                self._put((step, *self.data.read(indices, step_flips(self.cfg, step)[self.rows])))
+                step += 1
+        except Exception as e:  # handed to the main thread, which raises it
+            self._put((None, e, None))
+
+    def get(self, step):
+        got, latents, labels = self.queue.get()
+        if got is None:
+            raise latents
+        assert got == step, f"the reader delivered step {got} for step {step}"
+        return latents.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def close(self):
+        self.stopped.set()
+        self.thread.join()
 
 
 # -----------------------------------------------------------------------------
@@ -175,11 +240,14 @@ def flops_per_image(model, channels, size, num_classes, device):
 
 
 def bench(cfg, d):
-    """img/s, MFU and peak memory of training steps on random latents, with compile off and on."""
+    """img/s, MFU, peak memory and graph breaks of training steps on random latents (no cache needed), compile off
+    and on; then the input pipeline at the paper's layout."""
     channels, size, num_classes = 32, 16, 1000
     micro = cfg.micro_batch_size or cfg.batch_size // d.world_size
-    for compiled in (False, True):
+    for compiled in bench_modes(cfg):
         torch.manual_seed(cfg.seed)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         raw = build_dit(cfg.model, channels, size, num_classes=num_classes, qk_norm=cfg.qk_norm,
                         grad_ckpt=cfg.grad_ckpt).to(d.device)
         flops = flops_per_image(raw, channels, size, num_classes, d.device)
@@ -198,14 +266,55 @@ def bench(cfg, d):
             loss, _ = train_step(cfg, model, raw, opt, batch, d.device)
         loss.item()
         seconds = time.perf_counter() - start
-        img_s = micro * cfg.bench_steps / seconds
-        peak = peak_flops(d.device)
-        mfu = f"{100 * img_s * flops / peak:.1f}%" if peak else "n/a (no peak for this device)"
-        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if d.device.type == "cuda" else "n/a (CPU)"
-        print(f"bench {cfg.model} micro-batch {micro} compile={compiled}: {img_s:.4g} img/s | MFU {mfu} | "
-              f"peak memory {mem} | {flops / 1e9:.2f} GFLOP/img (fwd+bwd) | {seconds / cfg.bench_steps:.3f} s/step",
-              flush=True)
+        report(f"train_dit {cfg.model} micro-batch {micro}", micro * cfg.bench_steps / seconds, "img", flops,
+               d.device, compiled, f"{flops / 1e9:.1f} GFLOP/img fwd+bwd | {seconds / cfg.bench_steps:.3f} s/step")
         del model, raw, opt
+    bench_input(cfg, d)
+
+
+def bench_input(cfg, d, steps=20, count=2048):
+    """Host time per step of the input pipeline at the paper's layout, global batch 1024 on 8 ranks (128 rows on
+    this one), from a random on-disk cache of `count` latents 32x16x16: the main thread's hand-over and launches,
+    the reader thread's memory-mapped read (in the background), and the device's randomness and normalisation
+    (kernels on a GPU; on a CPU they run on the host and are shown apart)."""
+    layout = dataclasses.replace(cfg, batch_size=1024)
+    shape, rows = (32, 16, 16), slice(0, 128)
+    with tempfile.TemporaryDirectory() as root:
+        rng = np.random.default_rng(0)
+        latents = open_memmap(os.path.join(root, "latents.npy"), mode="w+", dtype=np.float16, shape=(count, 2, *shape))
+        latents[:] = rng.standard_normal(latents.shape, dtype=np.float32)
+        latents.flush()
+        np.save(os.path.join(root, "labels.npy"), rng.integers(0, 1000, count))
+        with open(os.path.join(root, "meta.json"), "w") as f:
+            json.dump({"ae_ckpt": "", "channels": 32, "size": 16, "count": count, "num_classes": 1000,
+                       "mean": [0.0] * 32, "std": [1.0] * 32}, f)
+        data = LatentCache(root).to(d.device)
+        start = time.perf_counter()
+        for step in range(steps):
+            data.read(data.indices(step, 1024, cfg.seed)[rows], step_flips(layout, step)[rows])
+        read_ms = 1000 * (time.perf_counter() - start) / steps
+        reader = Prefetcher(data, layout, rows, 0, d.device)
+        host = device = 0.0
+        try:
+            for step in range(steps):
+                time.sleep(read_ms / 1000 * 1.5)  # stands in for the model's step, which the reader overlaps
+                start = time.perf_counter()
+                x1, y = reader.get(step)
+                middle = time.perf_counter()
+                drop, t, noise = step_randomness(layout, step, shape, d.device)
+                x1 = data.normalise(x1)
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize()
+                end = time.perf_counter()
+                host, device = host + middle - start, device + end - middle
+        finally:
+            reader.close()
+    host_ms, device_ms = 1000 * host / steps, 1000 * device / steps
+    budget = 1000 * 128 / 600  # ms per step at the goal of 600 img/s per GPU
+    print(f"bench train_dit input, batch 1024 on 8 ranks (128 rows here): main thread {host_ms:.2f} ms/step "
+          f"({100 * host_ms / budget:.2f}% of the {budget:.0f} ms step at 600 img/s) | reader thread {read_ms:.1f} "
+          f"ms/step in the background | randomness + normalisation on {d.device.type} {device_ms:.1f} ms/step",
+          flush=True)
 
 
 def grid_ae(cfg, data, log):
@@ -238,7 +347,7 @@ def sample_grid(cfg, ema, data, ae_path, step, device, log):
     with autocast(device):
         latents = sample.sample_latents(ema, list(range(64)), labels, (data.channels, data.size, data.size),
                                         settings, data.num_classes, device)
-    images = pae.decode(latents.float() * data.std.to(device) + data.mean.to(device))
+    images = pae.decode(latents.float() * data.std + data.mean)
     path = os.path.join(cfg.out_dir, f"samples_{step:07d}.png")
     save_image(images.float().clamp(0, 1), path, nrow=8)
     log(f"step {step}: sample grid {path} (rows: classes {classes.tolist()})")
@@ -270,7 +379,7 @@ def main(argv=None):
     cfg.latents = os.path.abspath(cfg.latents)
 
     # --- data
-    data = LatentCache(cfg.latents)
+    data = LatentCache(cfg.latents).to(d.device)
     if d.master:
         lock_dir(cfg.out_dir)
     shape = (data.channels, data.size, data.size)
@@ -332,51 +441,60 @@ def main(argv=None):
 
     model.train()
     loss_sum, grad_sum, n_logged = torch.zeros((), device=d.device), torch.zeros((), device=d.device), 0
+    host_seconds = 0.0  # the main thread's input work (hand-over, copy launch, randomness) over the log interval
     timer_step, timer_start = None, None
     first = step
-    while step < cfg.max_steps:
-        indices = data.indices(step, cfg.batch_size, cfg.seed)
-        flips, drop, t, noise = step_randomness(cfg, step, shape, data.num_classes, d.device)
-        mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
-        x1, y = data.load(indices[mine], flips[mine], d.device)
-        y = torch.where(drop[mine], data.num_classes, y)  # null class for CFG
-        t, x0 = t[mine], noise[mine]
-        batches = [(x1[i:i + micro], t[i:i + micro], y[i:i + micro], x0[i:i + micro])
-                   for i in range(0, per_rank, micro)]
-        if step == 0 and d.master:  # the zero-initialised model predicts 0: loss = E|x1 - x0|^2/dim + 1
-            expected = torch.cat([(b[0] - b[3]).pow(2).mean().view(1) for b in batches]).mean().item() + 1
-        loss, grad_norm = train_step(cfg, model, raw_model, opt, batches, d.device)
-        ema_update(ema, raw_model, cfg.ema_decay)
-        loss_sum += loss
-        grad_sum += grad_norm
-        n_logged += 1
-        step += 1
-        if step == first + 1:
-            if d.master and first == 0:
-                log(f"step 0 sanity: loss {loss.item():.4f}, expected {expected:.4f} (velocity MSE of a zero "
-                    f"prediction + cosine term 1; about 3 for normalised latents)")
-            if d.device.type == "cuda":
-                torch.cuda.synchronize()
-            timer_step, timer_start = step, time.perf_counter()  # throughput excludes the warm-up step
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            stats = torch.stack([loss_sum, grad_sum]) / n_logged
-            d.all_reduce_mean(stats)
-            elapsed = time.perf_counter() - timer_start
-            img_s = (step - timer_step) * cfg.batch_size / elapsed if step > timer_step else float("nan")
-            mfu = f"{100 * img_s * flops / (peak * d.world_size):.1f}%" if peak else "-"
-            mem = f"{torch.cuda.max_memory_allocated(d.device) / 2**30:.1f}GiB" if d.device.type == "cuda" else "-"
-            eta = format_duration((cfg.max_steps - step) * cfg.batch_size / img_s) if img_s == img_s else "-"
-            log(f"step {step}/{cfg.max_steps} | loss {stats[0].item():.4f} | lr {cfg.lr:.2e} | grad {stats[1].item():.3f} "
-                f"| {img_s:.1f} img/s | MFU {mfu} | mem {mem} | ETA {eta}")
-            check_finite(step, {"loss": stats[0].item(), "grad norm": stats[1].item()}, causes, saved_step)
-            loss_sum.zero_(), grad_sum.zero_()
-            n_logged = 0
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            save(step)
-        if ae_path and step % cfg.sample_every == 0:
-            sample_grid(cfg, ema, data, ae_path, step, d.device, log)
-        if cfg.sample_every and step % cfg.sample_every == 0:
-            d.barrier()
+    mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
+    reader = Prefetcher(data, cfg, mine, step, d.device)
+    try:
+        while step < cfg.max_steps:
+            host_start = time.perf_counter()
+            x1, y = reader.get(step)
+            drop, t, noise = step_randomness(cfg, step, shape, d.device)
+            x1 = data.normalise(x1)
+            y = torch.where(drop[mine], data.num_classes, y)  # null class for CFG
+            t, x0 = t[mine], noise[mine]
+            batches = [(x1[i:i + micro], t[i:i + micro], y[i:i + micro], x0[i:i + micro])
+                       for i in range(0, per_rank, micro)]
+            host_seconds += time.perf_counter() - host_start
+            if step == 0 and d.master:  # the zero-initialised model predicts 0: loss = E|x1 - x0|^2/dim + 1
+                expected = torch.cat([(b[0] - b[3]).pow(2).mean().view(1) for b in batches]).mean().item() + 1
+            loss, grad_norm = train_step(cfg, model, raw_model, opt, batches, d.device)
+            ema_update(ema, raw_model, cfg.ema_decay)
+            loss_sum += loss
+            grad_sum += grad_norm
+            n_logged += 1
+            step += 1
+            if step == first + 1:
+                if d.master and first == 0:
+                    log(f"step 0 sanity: loss {loss.item():.4f}, expected {expected:.4f} (velocity MSE of a zero "
+                        f"prediction + cosine term 1; about 3 for normalised latents)")
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize()
+                timer_step, timer_start = step, time.perf_counter()  # throughput excludes the warm-up step
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                stats = torch.stack([loss_sum, grad_sum]) / n_logged
+                d.all_reduce_mean(stats)
+                elapsed = time.perf_counter() - timer_start
+                img_s = (step - timer_step) * cfg.batch_size / elapsed if step > timer_step else float("nan")
+                mfu = f"{100 * img_s * flops / (peak * d.world_size):.1f}%" if peak else "-"
+                mem = f"{torch.cuda.max_memory_allocated(d.device) / 2**30:.1f}GiB" if d.device.type == "cuda" else "-"
+                eta = format_duration((cfg.max_steps - step) * cfg.batch_size / img_s) if img_s == img_s else "-"
+                host_ms = 1000 * host_seconds / n_logged
+                log(f"step {step}/{cfg.max_steps} | loss {stats[0].item():.4f} | lr {cfg.lr:.2e} | grad "
+                    f"{stats[1].item():.3f} | {img_s:.1f} img/s | MFU {mfu} | mem {mem} | host {host_ms:.1f}ms/step | "
+                    f"ETA {eta}")
+                check_finite(step, {"loss": stats[0].item(), "grad norm": stats[1].item()}, causes, saved_step)
+                loss_sum.zero_(), grad_sum.zero_()
+                n_logged, host_seconds = 0, 0.0
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                save(step)
+            if ae_path and step % cfg.sample_every == 0:
+                sample_grid(cfg, ema, data, ae_path, step, d.device, log)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                d.barrier()
+    finally:
+        reader.close()
 
     # --- teardown
     log(f"done: {step} steps, checkpoint {ckpt_path}")
