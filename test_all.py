@@ -1764,3 +1764,21 @@ def test_every_bench_runs_on_cpu_at_a_tiny_size(capsys):
         assert any(line.startswith(f"bench {what}") for line in lines), what
     assert all(" img/s" in line or " sample/s" in line or "ms/step" in line for line in lines)
     assert any("50,000 samples on 8 such devices" in line for line in lines)
+
+
+def test_train_dit_sample_grids_refuse_an_ae_changed_since_the_encode(tmp_path):
+    torch.manual_seed(0)
+    pae = build_pae(preset="tiny")
+    ae_path = str(tmp_path / "ae.pt")
+    save_checkpoint(ae_path, "pae", pae, {"preset": "tiny"}, 0, pae_args=pae.pae_args)
+    cache = _write_cache(tmp_path / "latents", channels=32, size=8)
+    meta = json.load(open(cache / "meta.json"))
+    json.dump({**meta, "ae_ckpt": ae_path, "ae_sha256": model.file_digest(ae_path)}, open(cache / "meta.json", "w"))
+    with torch.no_grad():
+        pae.decoder.head.bias.add_(0.5)
+    save_checkpoint(ae_path, "pae", pae, {"preset": "tiny"}, 1, pae_args=pae.pae_args)  # retrained in place
+    with pytest.raises(SystemExit, match="changed since the latent cache was encoded.*--ae_ckpt"):
+        train_dit.main(_dit_args(tmp_path, cache, max_steps=2, sample_every=2))
+    train_dit.main(_dit_args(tmp_path, cache, name="named", max_steps=2, sample_every=2, ae_ckpt=ae_path))
+    assert (tmp_path / "named" / "samples_0000002.png").is_file()
+    assert "not the AE the cache was encoded with" in _log(tmp_path / "named")
