@@ -849,7 +849,8 @@ def _convert_released_dit(ckpt, path):
                      f"{model_args['input_size']} latent with head dim {head_dim}")
         _check_converted(converted, origin, expected, path, f"LightningDiT {which}")
         weights[which] = converted
-    multiplier = float(config.get("data", {}).get("latent_multiplier", 1.0))
+    # the release's own default is 0.18215 when its data config lacks the key (both released configs set 1.0)
+    multiplier = float(config["data"].get("latent_multiplier", 0.18215)) if "data" in config else 1.0
     print0(f"{path}: the authors' released LightningDiT-{model_args['preset']} converted in memory"
            f"{'' if model_args['qk_norm'] is False else ' (QK norm)'}; its latent statistics come from the "
            f"release's latents_stats.pt (sample.py --latent_stats)")
@@ -864,8 +865,7 @@ CKPT_VERSION = 2  # 2: the released PAE architecture (DAM fusion, attention bias
 
 
 def fail(message):
-    """A user-caused error: one sentence on stderr, exit status 1, no traceback (and this run's folder locks freed)."""
-    release_locks()
+    """A user-caused error: one sentence on stderr, exit status 1, no traceback."""
     raise SystemExit(f"error: {message}")
 
 
@@ -889,8 +889,8 @@ def _field_comments(cls):
 def parse_config(cls, argv=None, presets=None):
     """Dataclass -> argparse, then validation, before anything is loaded or written. `--preset NAME` applies
     presets[NAME] first; explicit flags win over it. Each flag's help is the comment beside its field. The Config
-    may declare CHOICES {field: valid values}, POSITIVE (fields > 0) and NONNEGATIVE (fields >= 0); every float
-    must be finite. A bad value is one sentence and exit status 1."""
+    may declare CHOICES {field: valid values}, POSITIVE (fields > 0), NONNEGATIVE (fields >= 0) and UNIT; every float
+    must be finite; UNIT fields lie in [0, 1]. A bad value is one sentence and exit status 1."""
     comments = _field_comments(cls)
     choices = {**getattr(cls, "CHOICES", {}), **({"preset": tuple(presets)} if presets else {})}
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
@@ -924,6 +924,8 @@ def parse_config(cls, argv=None, presets=None):
             fail(f"--{field.name} must be greater than 0, got {value}")
         if field.name in getattr(cls, "NONNEGATIVE", ()) and not value >= 0:
             fail(f"--{field.name} must be 0 or more, got {value}")
+        if field.name in getattr(cls, "UNIT", ()) and not 0 <= value <= 1:
+            fail(f"--{field.name} must lie between 0 and 1, got {value}")
     return cfg
 
 
@@ -1004,6 +1006,23 @@ class Dist:
     def barrier(self):
         if self.world_size > 1:
             dist.barrier()
+
+    def run0(self, fn):
+        """fn() on rank 0 only (writing a file, taking the folder lock), then a barrier. A fail() there stops every
+        rank with the same sentence, instead of leaving the others waiting at their next collective."""
+        message, result = None, None
+        if self.master:
+            try:
+                result = fn()
+            except SystemExit as e:
+                message = str(e)
+        if self.world_size > 1:
+            box = [message]
+            dist.broadcast_object_list(box, src=0)
+            message = box[0]
+        if message:
+            raise SystemExit(message)
+        return result
 
     def all_reduce_mean(self, tensor):
         if self.world_size > 1:
@@ -1156,7 +1175,10 @@ def _process_alive(pid):
 def lock_dir(path):
     """An owner file path/.lock ("pid@host") stops a second concurrent run on the same folder with one sentence. It
     is removed at exit; one whose process is gone (same host) is taken over. Call on rank 0 only."""
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the output folder {path} ({e.strerror}); choose another one")
     lock, me = os.path.join(path, ".lock"), f"{os.getpid()}@{socket.gethostname()}"
     for _ in range(2):
         try:
@@ -1164,7 +1186,8 @@ def lock_dir(path):
         except FileExistsError:
             with open(lock) as f:
                 owner = f.read().strip()
-            if owner == me:  # this process (an earlier main() in the same interpreter, e.g. a notebook)
+            if owner == me:  # this process: an earlier main() in the same interpreter (a notebook, a test) failed
+                _LOCKS.add(lock)
                 return
             pid, _, host = owner.partition("@")
             if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
@@ -1183,8 +1206,7 @@ _LOCKS = set()
 
 @atexit.register
 def release_locks():
-    """Remove the owner files this process holds: at the end of a run (Dist.teardown), on a clean error (fail) and
-    at interpreter exit, so sequential runs in one process (tests, notebooks) never block each other."""
+    """Remove the owner files this process holds: at the end of a run (Dist.teardown) and at interpreter exit."""
     me = f"{os.getpid()}@{socket.gethostname()}"
     for lock in list(_LOCKS):
         try:
@@ -1211,11 +1233,12 @@ def load_checkpoint(path, kind):
     released PAE and LightningDiT files are recognised and converted into the same schema."""
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist; check the path")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memory-mapped: ranks that need only part of a large file (e.g. no optimizer state) read only that
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         fail(f"checkpoint {path} cannot be read safely ({type(e).__name__}); it is truncated, corrupt, not a "
-             f"checkpoint, or pickles Python objects that a weights-only load refuses")
+             f"checkpoint, or pickles Python objects that a weights-only load refuses (for a file you trust, re-save "
+             f"its tensors: torch.save({{'model': torch.load(PATH, weights_only=False)['model']}}, NEW))")
     released = _release_format(ckpt) if isinstance(ckpt, dict) and "kind" not in ckpt else None
     if released == "pae" and kind == "pae":
         return _convert_released_pae(_strip_wrappers(ckpt["model"]), path)

@@ -57,7 +57,7 @@ class Config:
     sampler: str = "ode"  # ode (Euler) | sde (Euler-Maruyama of the SBDM SDE, final mean step), as released
     num_steps: int = 250  # points of the time grid = num_steps - 1 Euler steps (sde: plus the mean step); paper 250
     time_shift: float = 0.4  # grid t <- s*t / (1 + (s-1)*t), s = 0.4 (t = 1 is data)
-    cfg_scale: float = 2.5  # v = v_u + w*(v_c - v_u) on all channels; 1 = no guidance
+    cfg_scale: float = 2.5  # v = v_u + w*(v_c - v_u) on all channels; <= 1 = no guidance (as released)
     cfg_interval_start: float = 0.25  # guidance only where the shifted t >= this
     last_step_size: float = 0.004  # sde: the grid ends at 1 - this, then one noise-free (mean) step of this size
     dit_precision: str = "fp32"  # fp32 (TF32 matmuls on GPU, as released) | bf16 (autocast: faster, not the paper's)
@@ -75,6 +75,7 @@ class Config:
     CHOICES = {"sampler": ("ode", "sde"), "dit_precision": ("fp32", "bf16"), "decode_precision": ("fp32", "bf16"),
                "to_uint8": ("truncate", "round"), "device": DEVICES}
     POSITIVE = ("num_samples", "per_label", "batch_size", "time_shift", "last_step_size")
+    UNIT = ("last_step_size", "cfg_interval_start")
     NONNEGATIVE = ("seed",)
 
 
@@ -130,13 +131,13 @@ def sde_sample(velocity, x, num_steps, shift, noise, last_step_size=0.004, t_sta
 
 
 def guided_velocity(model, labels, cfg_scale, cfg_interval_start, null_class):
-    """v(x, t) of the DiT with CFG v_u + w*(v_c - v_u) where t >= cfg_interval_start (both passes in one batch),
-    in x's dtype; the caller chooses the precision (e.g. a bf16 autocast around the sampler)."""
+    """v(x, t) of the DiT with CFG v_u + w*(v_c - v_u) where w > 1 and t >= cfg_interval_start (both passes in one
+    batch), in x's dtype; the caller chooses the precision (e.g. a bf16 autocast around the sampler)."""
 
     both = torch.cat([labels, torch.full_like(labels, null_class)])  # conditional and unconditional, built once
 
     def velocity(x, t):
-        if cfg_scale == 1 or t < cfg_interval_start:  # guidance off: the conditional pass alone
+        if cfg_scale <= 1 or t < cfg_interval_start:  # guidance off (as released for w <= 1): conditional only
             return model(x, torch.full((len(x),), t, device=x.device), labels).to(x.dtype)
         v_cond, v_uncond = model(torch.cat([x, x]), torch.full((2 * len(x),), t, device=x.device),
                                  both).to(x.dtype).chunk(2)
@@ -213,6 +214,13 @@ def save_npz(path, **arrays):
     atomic_write(path, write)
 
 
+def shard_settings(cfg, ckpt_step):
+    """What a run's shards depend on: every setting except those that change how, not what, is computed, plus the
+    DiT's step (a DiT that trained on since an interrupted run gets fresh shards)."""
+    how = ("overwrite", "device", "compile", "bench", "fid_ref", "fid_weights")
+    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in how}, "ckpt_step": ckpt_step}
+
+
 def latent_meta(ckpt, path, latent_stats=""):
     """Latent statistics and AE path: the release's latents_stats.pt when given (mean and std of shape (1, C, 1, 1);
     its DiT's latent_multiplier folded into std), else the copy stored in the DiT checkpoint, which is what the DiT
@@ -261,7 +269,7 @@ def bench(cfg, d):
     indices, labels = list(range(cfg.batch_size)), [i % num_classes for i in range(cfg.batch_size)]
     grid = shifted_grid(0.0, 1.0, cfg.num_steps, cfg.time_shift).tolist()[:-1] if cfg.sampler == "ode" else \
         [0.0] * cfg.num_steps  # the SDE never guides in the paper's protocol; its passes are counted alike
-    passes = sum(2 if cfg.cfg_scale != 1 and t >= cfg.cfg_interval_start else 1 for t in grid)  # per sample
+    passes = sum(2 if cfg.cfg_scale > 1 and t >= cfg.cfg_interval_start else 1 for t in grid)  # per sample
     x, t, y = torch.zeros(1, *shape, device=d.device), torch.full((1,), 0.5, device=d.device), torch.zeros(
         1, dtype=torch.long, device=d.device)
     flops = passes * count_flops(lambda: raw(x, t, y)) + count_flops(lambda: decode(pae, x, cfg.decode_precision))
@@ -359,9 +367,7 @@ def main(argv=None):
     def shard_path(s):
         return os.path.join(shard_dir, f"{s:06d}.npz")
 
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if not k.startswith("fid_") and k not in ("overwrite", "device", "compile")}
-    settings["ckpt_step"] = ckpt["step"]  # a DiT that trained on since an interrupted run gets fresh shards
+    settings = shard_settings(cfg, ckpt["step"])
     settings_path = os.path.join(shard_dir, "settings.json")
     if os.path.isfile(settings_path):
         with open(settings_path) as f:

@@ -232,7 +232,7 @@ def test_prefetcher_delivers_each_steps_rows_and_stops_cleanly(tmp_path, monkeyp
     reader.close()
     assert not reader.thread.is_alive()
     threads = threading.active_count()
-    monkeypatch.setattr(data, "read", lambda *a: 1 / 0)  # the reader fails: get() raises its error
+    monkeypatch.setattr(data, "read", lambda *a, **k: 1 / 0)  # the reader fails: get() raises its error
     reader = train_dit.Prefetcher(data, cfg, rows, 0, torch.device("cpu"))
     with pytest.raises(ZeroDivisionError):
         reader.get(0)
@@ -1182,9 +1182,8 @@ def test_restart_skips_finished_shards_and_rejects_other_settings(tmp_path):
     sample.main(_args(tmp_path, dit_path, name="full"))
     shards = tmp_path / "part_shards"
     shards.mkdir()
-    settings = {**vars(sample.parse_config(sample.Config, _args(tmp_path, dit_path, name="part"),
-                                           sample.PRESETS))}
-    settings = {**{k: v for k, v in settings.items() if not k.startswith("fid_")}, "ckpt_step": 10}
+    settings = sample.shard_settings(sample.parse_config(sample.Config, _args(tmp_path, dit_path, name="part"),
+                                                         sample.PRESETS), 10)
     (shards / "settings.json").write_text(json.dumps(settings))
     marker = np.full((5, pae.image_size, pae.image_size, 3), 7, np.uint8)
     sample.save_npz(str(shards / "000001.npz"), arr_0=marker, labels=np.arange(5, 10) % 3)
@@ -1196,7 +1195,7 @@ def test_restart_skips_finished_shards_and_rejects_other_settings(tmp_path):
     shards.mkdir()
     (shards / "settings.json").write_text(json.dumps({**settings, "cfg_scale": 9.0}))
     with pytest.raises(SystemExit, match="other settings"):
-        sample.main(_args(tmp_path, dit_path, name="part"))
+        sample.main(_args(tmp_path, dit_path, name="part", overwrite=True))
 
 
 def test_latent_stats_come_from_the_checkpoint_copy(tmp_path, capsys):
@@ -1403,7 +1402,7 @@ def test_torchrun_shards_and_gathers(tmp_path, inception):
 # -----------------------------------------------------------------------------
 # README: the Quickstart runs as written, and every flag it mentions exists
 
-TORCHRUN_FLAGS = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_endpoint"}
+TORCHRUN_FLAGS = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_endpoint", "index"}  # and pip's --index-url
 SCRIPTS = {"train_ae.py": train_ae.Config, "train_dit.py": train_dit.Config, "sample.py": sample.Config,
            "fid.py": fid.Config}
 
@@ -1588,7 +1587,7 @@ def test_encode_overwrite_swaps_the_new_cache_in_only_when_complete(tmp_path, mo
     args = [*FAST, "--stage", "encode", "--out_dir", str(tmp_path), "--synthetic_size", "8"]
     train_ae.main(args)
     old = _bytes(*(tmp_path / "latents" / name for name in ("latents.npy", "labels.npy", "meta.json")))
-    monkeypatch.setattr(train_ae.M, "file_digest", lambda path: 1 / 0)  # a crash just before meta.json
+    monkeypatch.setattr(train_ae.M, "atomic_write", lambda path, fn: 1 / 0)  # a crash writing meta.json
     with pytest.raises(ZeroDivisionError):
         train_ae.main(args + ["--overwrite", "--synthetic_size", "16"])
     assert _bytes(*old) == old  # the complete old cache is untouched

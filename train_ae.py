@@ -74,7 +74,7 @@ class Config:
     weight_decay: float = 0.05  # on >=2-D weights only
     warmup: float = 0.05  # fraction of the steps with linear warm-up, then cosine
     min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio
-    grad_clip: float = 1.0  # max grad norm
+    grad_clip: float = 1.0  # max grad norm; 0 = off
     ema_decay: float = 0.9999  # stage ae EMA (latents are still extracted with the raw weights)
     gram_weight: float = 1.0  # stage refine: lambda_gram of the Gram term [our reading]
     upsample: str = "bilateral"  # structural target's feature up-sampler: bilateral | bilinear [our reading]
@@ -105,10 +105,11 @@ class Config:
     CHOICES = {"stage": ("", "refine", "ae", "encode", "eval"), "vfm": tuple(M.VFM_PRESETS),
                "decoder": tuple(M.DECODER_PRESETS), "upsample": ("bilateral", "bilinear"), "device": M.DEVICES}
     POSITIVE = ("image_size", "synthetic_size", "batch_size", "refine_steps", "max_steps", "lr", "log_every",
-                "ckpt_every", "eval_images", "psnr_images", "bench_steps")
-    NONNEGATIVE = ("micro_batch_size", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "ema_decay",
-                   "gram_weight", "lowpass", "l1_weight", "lpips_weight", "gan_weight", "ssr_weight", "mcr_weight",
-                   "scr_weight", "disc_start", "lpc_images", "num_workers", "seed")
+                "ckpt_every", "eval_images", "psnr_images", "lpc_images", "bench_steps")
+    NONNEGATIVE = ("micro_batch_size", "weight_decay", "grad_clip", "gram_weight", "lowpass", "l1_weight",
+                   "lpips_weight", "gan_weight", "ssr_weight", "mcr_weight", "scr_weight", "disc_start",
+                   "num_workers", "seed")
+    UNIT = ("adam_beta1", "adam_beta2", "warmup", "min_lr_ratio", "ema_decay")
 
 
 PRESETS = {
@@ -256,7 +257,8 @@ class StepSampler(torch.utils.data.Sampler):
 def shard_loader(cfg, dataset, lo, hi, batch):
     """Images lo..hi-1 of the dataset in order (encode and eval), `batch` at a time."""
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch,
-                                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+                                       num_workers=cfg.num_workers, pin_memory=cfg.device != "cpu" and
+                                       torch.cuda.is_available())
 
 
 def to_images01(batch, device):
@@ -273,13 +275,19 @@ def encode_stage(cfg, d, log, ae_path):
     --overwrite, and then the new one is written beside it (LATENTS.new) and swapped in once complete, so a crash
     leaves the old cache intact. meta.json, written last, marks a cache complete."""
     final = cfg.latents.rstrip(os.sep)
-    if not os.path.exists(final) and os.path.isfile(os.path.join(final + ".old", "meta.json")) and d.master:
-        os.replace(final + ".old", final)  # a swap interrupted between its two renames: restore the old cache
-        log(f"encode: restored {final} from {final}.old, left by an interrupted --overwrite")
-    d.barrier()
+
+    def restore():  # a swap interrupted between its two renames: the complete old cache goes back in place
+        if not os.path.exists(final) and os.path.isfile(os.path.join(final + ".old", "meta.json")):
+            os.replace(final + ".old", final)
+            log(f"encode: restored {final} from {final}.old, left by an interrupted --overwrite")
+
+    d.run0(restore)
     replacing = os.path.isfile(os.path.join(final, "meta.json"))
+    if replacing and not cfg.overwrite:
+        fail(f"{final} holds a complete latent cache; pass --overwrite to replace it or choose another --latents")
     target = final + ".new" if replacing else final
     meta_path = os.path.join(target, "meta.json")
+    ae_digest = M.file_digest(ae_path) if d.master else None  # the AE as loaded now, recorded in meta.json
     pae = M.pae_from_checkpoint(ae_path, device=d.device)
     cfg.image_size = pae.image_size  # images are cropped to the size the tokenizer was trained at
     dataset = make_dataset(cfg)
@@ -320,22 +328,25 @@ def encode_stage(cfg, d, log, ae_path):
     if not_finite:
         fail(f"encode: {not_finite} latent values are NaN or inf (or overflow float16); look for a NaN weight in "
              f"{ae_path}; {incomplete}")
-    if d.master:
+
+    def complete():  # rank 0: the statistics, meta.json (last: it marks the cache complete), the swap
         stored = np.load(latents_path, mmap_mode="r")
         pick = np.random.default_rng(cfg.seed).choice(count, size=min(count, 10_000), replace=False)
         sample = stored[np.sort(pick), 0].astype(np.float64)  # un-flipped latents, (n, C, H, W)
         mean, std = sample.mean(axis=(0, 2, 3)), sample.std(axis=(0, 2, 3))
         if not (np.isfinite(mean).all() and np.isfinite(std).all() and std.min() > 0):
             fail(f"encode: the latent statistics are not usable (a channel's std is {std.min()}); {incomplete}")
-        meta = {"ae_ckpt": ae_path, "ae_sha256": M.file_digest(ae_path), "channels": int(C), "size": int(H),
-                "count": count, "num_classes": num_classes, "mean": mean.tolist(), "std": std.tolist(),
-                "dataset": dataset.name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-        M.atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))  # last: marks it complete
+        meta = {"ae_ckpt": ae_path, "ae_sha256": ae_digest, "channels": int(C), "size": int(H), "count": count,
+                "num_classes": num_classes, "mean": mean.tolist(), "std": std.tolist(), "dataset": dataset.name,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        M.atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
         if replacing:  # swap the complete new cache in; the old one goes only after
+            shutil.rmtree(final + ".old", ignore_errors=True)  # the leftover of a crash in an earlier rmtree
             os.replace(final, final + ".old")
             os.replace(target, final)
             shutil.rmtree(final + ".old")
-    d.barrier()
+
+    d.run0(complete)
     log(f"encode: done, {count} images in {format_duration(seconds)} ({count / seconds:.1f} img/s, each encoded "
         f"twice: image and flip) -> {final}" + (f"; {skipped} unreadable images replaced by the next readable one"
                                                  if skipped else ""))
@@ -385,8 +396,9 @@ def micro_batches(cfg, d, loader, step):
     for k in range(accum):
         images, _, skips = next(loader)
         first = d.rank * per_rank + k * micro  # global position of this micro-batch in the step's batch
-        images = torch.where(flips[first:first + micro].view(-1, 1, 1, 1), images.flip(-1), images)
-        out.append((to_images01(images, d.device), (cfg.seed * 1_000_003 + step) * 4099 + first // micro))
+        images = to_images01(images, d.device)  # the loader's pinned batch, copied without blocking, then flipped
+        flip = flips[first:first + micro].to(d.device, non_blocking=True).view(-1, 1, 1, 1)
+        out.append((torch.where(flip, images.flip(-1), images), (cfg.seed * 1_000_003 + step) * 4099 + first // micro))
         skipped += int(skips.sum())
     return out, skipped
 
@@ -510,7 +522,7 @@ def refine_step(cfg, d, vfm, refiner, opt):
                 (loss / len(batches)).backward()
             for key, value in {"loss": loss, **parts}.items():
                 parts_sum[key] = parts_sum.get(key, 0) + value.detach().float() / len(batches)
-        parts_sum["grad"] = torch.nn.utils.clip_grad_norm_(refiner.parameters(), cfg.grad_clip)
+        parts_sum["grad"] = torch.nn.utils.clip_grad_norm_(refiner.parameters(), cfg.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         return parts_sum
@@ -553,13 +565,10 @@ def refine_stage(cfg, d, log):
             meter.emit(step, lr)
         if step % cfg.ckpt_every == 0 or step == cfg.refine_steps:
             meter.check(step)
-            if d.master:
-                save_checkpoint(ckpt_path, "refine", refiner, cfg, step, opt=opt, refiner_args=refiner.refiner_args)
+            d.run0(lambda: save_checkpoint(ckpt_path, "refine", refiner, cfg, step, opt=opt,
+                                           refiner_args=refiner.refiner_args))
             meter.saved_step = step
-            d.barrier()
-    if d.master:
-        save_checkpoint(final_path, "refine", refiner, cfg, step, refiner_args=refiner.refiner_args)
-    d.barrier()
+    d.run0(lambda: save_checkpoint(final_path, "refine", refiner, cfg, step, refiner_args=refiner.refiner_args))
     log(f"refine: done at step {step}, P_t/Q_t in {final_path}")
     return final_path
 
@@ -701,7 +710,8 @@ def ae_step(cfg, d, pae, refiner, lpips_net, disc, opt, disc_opt, ema=None):
             fakes.append(recon.detach())
             for key, value in {"loss": total, **parts}.items():
                 parts_sum[key] = parts_sum.get(key, 0) + value.detach().float() / accum
-        parts_sum["grad"] = torch.nn.utils.clip_grad_norm_(list(pae.trainable_parameters()), cfg.grad_clip)
+        parts_sum["grad"] = torch.nn.utils.clip_grad_norm_(list(pae.trainable_parameters()),
+                                                           cfg.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
@@ -713,7 +723,7 @@ def ae_step(cfg, d, pae, refiner, lpips_net, disc, opt, disc_opt, ema=None):
                     disc_loss = disc_train(images, fake)
                     (disc_loss / accum).backward()
                 parts_sum["disc"] = parts_sum.get("disc", 0) + disc_loss.detach().float() / accum
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip or float("inf"))
             disc_opt.step()
             disc_opt.zero_grad(set_to_none=True)
         return parts_sum
@@ -761,18 +771,19 @@ def ae_stage(cfg, d, log, refine_path):
                         f"weight in {refine_path} or in the checkpoint this run resumed from, or a learning rate too "
                         f"high (--lr {cfg.lr})", step or None)
 
+    def save(step):
+        save_checkpoint(ckpt_path, "pae", pae, cfg, step, ema=ema, opt=opt, pae_args=pae.pae_args,
+                        disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
+        write_grid(cfg, pae, dataset if held_out is None else held_out,
+                   os.path.join(cfg.out_dir, f"grid_{step:07d}.png"), d.device)
+
     def checkpoint(step):
         meter.check(step)
-        if d.master:
-            save_checkpoint(ckpt_path, "pae", pae, cfg, step, ema=ema, opt=opt, pae_args=pae.pae_args,
-                            disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
-            grid_path = os.path.join(cfg.out_dir, f"grid_{step:07d}.png")
-            write_grid(cfg, pae, dataset if held_out is None else held_out, grid_path, d.device)
+        d.run0(lambda: save(step))
         if held_out is not None:
             metrics = evaluate(cfg, d, pae, held_out, min(cfg.psnr_images, len(held_out)))
             log(f"ae step {step}: held-out PSNR {metrics['psnr']:.2f} dB (raw weights, the ones encode uses)")
         meter.saved_step = step
-        d.barrier()
 
     pae.train()
     while step < cfg.max_steps:
@@ -787,9 +798,7 @@ def ae_stage(cfg, d, log, refine_path):
             meter.emit(step, lr)
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             checkpoint(step)
-    if d.master:
-        save_checkpoint(final_path, "pae", pae, cfg, step, ema=ema, pae_args=pae.pae_args)
-    d.barrier()
+    d.run0(lambda: save_checkpoint(final_path, "pae", pae, cfg, step, ema=ema, pae_args=pae.pae_args))
     log(f"ae: done at step {step}, tokenizer in {final_path} (raw weights in 'model', EMA in 'ema')")
     return os.path.abspath(final_path)
 
@@ -904,10 +913,8 @@ def main(argv=None):
     d = Dist(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    if d.master:  # encode and eval keep the training run's config.json
-        lock_dir(cfg.out_dir)
-        save_config(cfg, cfg.out_dir, "config.json" if {"refine", "ae"} & set(plan) else f"config_{cfg.stage}.json")
-    d.barrier()
+    d.run0(lambda: lock_dir(cfg.out_dir) or save_config(  # encode and eval keep the training run's config.json
+        cfg, cfg.out_dir, "config.json" if {"refine", "ae"} & set(plan) else f"config_{cfg.stage}.json"))
     log = Logger(cfg.out_dir, d.master)
     log(json.dumps(asdict(cfg)))
     if cfg.data == "synthetic" and not tiny:

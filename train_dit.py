@@ -2,7 +2,7 @@ r"""
 Train LightningDiT with flow matching on a PAE latent cache.
 
 CPU smoke run:  python train_dit.py --preset tiny --latents out/tiny/latents
-One GPU:        python train_dit.py --latents out/latents
+One GPU:        python train_dit.py --latents out/latents --micro_batch_size 64   (gradient accumulation: batch 1024)
 8 GPUs:         torchrun --nproc_per_node=8 train_dit.py --latents out/latents
 Two nodes:      torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
                     train_dit.py --latents out/latents
@@ -72,9 +72,9 @@ class Config:
     device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda
 
     CHOICES = {"device": DEVICES}
-    POSITIVE = ("batch_size", "max_steps", "lr", "log_every", "ckpt_every", "bench_steps")
-    NONNEGATIVE = ("micro_batch_size", "weight_decay", "grad_clip", "ema_decay", "label_dropout", "seed",
-                   "sample_every")
+    POSITIVE = ("batch_size", "max_steps", "lr", "time_shift", "log_every", "ckpt_every", "bench_steps")
+    NONNEGATIVE = ("micro_batch_size", "weight_decay", "grad_clip", "seed", "sample_every")
+    UNIT = ("adam_beta1", "adam_beta2", "ema_decay", "label_dropout")
 
 
 PRESETS = {
@@ -123,18 +123,18 @@ class LatentCache:
         positions = np.arange(step * batch_size, (step + 1) * batch_size)
         out = np.empty(batch_size, dtype=np.int64)
         for epoch in np.unique(positions // self.count):
-            if epoch not in self._perms:  # one shuffle per epoch, from (seed, epoch)
-                self._perms = {epoch: np.random.default_rng((seed, int(epoch))).permutation(self.count)}
+            perms = self._perms  # one read, one write: the reader thread and the main thread may both call this
+            if epoch not in perms:  # one shuffle per epoch, from (seed, epoch)
+                perms = self._perms = {epoch: np.random.default_rng((seed, int(epoch))).permutation(self.count)}
             sel = positions // self.count == epoch
-            out[sel] = self._perms[epoch][positions[sel] % self.count]
+            out[sel] = perms[epoch][positions[sel] % self.count]
         return out
 
-    def read(self, indices, flips):
-        """Raw latents (B, C, H, W) float16 and labels (B,) of the given rows, on the CPU; pinned when there is a GPU,
-        so the copy to it does not block."""
+    def read(self, indices, flips, pin=False):
+        """Raw latents (B, C, H, W) float16 and labels (B,) of the given rows, on the CPU; pinned for a GPU, so the
+        copy to it does not block."""
         order = np.argsort(indices)  # sorted reads are kinder to the memory map
         rows = self.latents[indices[order], flips[order].astype(np.int64)]
-        pin = torch.cuda.is_available()
         latents = torch.empty(len(indices), self.channels, self.size, self.size, dtype=torch.float16, pin_memory=pin)
         latents[torch.from_numpy(order)] = torch.from_numpy(rows)
         labels = torch.from_numpy(self.labels[indices])
@@ -150,19 +150,24 @@ class LatentCache:
         return (latents.float() - self.mean) / self.std
 
 
+def step_seed(cfg, step, stream):
+    """A 32-bit seed for one random stream of one step (0: flips, 1: the rest), mixed from (seed, step, stream)."""
+    return int(np.random.SeedSequence([cfg.seed, step, stream]).generate_state(1)[0])
+
+
 def step_flips(cfg, step):
-    """The whole global batch's horizontal flips of a step (bool array), from a CPU generator seeded by (seed, step):
-    the reader thread needs them on the host to pick the memory-mapped rows."""
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    """The whole global batch's horizontal flips of a step (bool array), from a CPU generator of its own: the reader
+    thread needs them on the host to pick the memory-mapped rows."""
+    gen = torch.Generator().manual_seed(step_seed(cfg, step, 0))
     return (torch.rand(cfg.batch_size, generator=gen) < 0.5).numpy()
 
 
 def step_randomness(cfg, step, shape, device):
     """Label drops, timesteps and noise of the whole global batch, drawn on the device from a generator seeded by
     (seed, step): every rank draws all of them and keeps its slice, so they are identical for any world size and
-    after a resume. On CUDA the Philox generator makes them bit-identical across runs and GPU counts, and across
-    GPU models; they differ from the CPU's draws."""
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+    after a resume. On CUDA the Philox generator makes them bit-identical across runs and GPU counts on the same GPU
+    model; they differ from the CPU's draws."""
+    gen = torch.Generator(device=device).manual_seed(step_seed(cfg, step, 1))
     B = cfg.batch_size
     drop = torch.rand(B, generator=gen, device=device) < cfg.label_dropout
     t = sample_timesteps(B, cfg.time_shift, generator=gen, device=device)
@@ -193,7 +198,8 @@ class Prefetcher:
         try:
             while not self.stopped.is_set():
                 indices = self.data.indices(step, self.cfg.batch_size, self.cfg.seed)[self.rows]
-                self._put((step, *self.data.read(indices, step_flips(self.cfg, step)[self.rows])))
+                flips = step_flips(self.cfg, step)[self.rows]
+                self._put((step, *self.data.read(indices, flips, pin=self.device.type == "cuda")))
                 step += 1
         except Exception as e:  # handed to the main thread, which raises it
             self._put((None, e, None))
@@ -243,7 +249,7 @@ def bench(cfg, d):
     """img/s, MFU, peak memory and graph breaks of training steps on random latents (no cache needed), compile off
     and on; then the input pipeline at the paper's layout."""
     channels, size, num_classes = 32, 16, 1000
-    micro = cfg.micro_batch_size or cfg.batch_size // d.world_size
+    micro = cfg.micro_batch_size or min(64, cfg.batch_size // d.world_size)  # 64 fits an 80 GB card for XL/1
     for compiled in bench_modes(cfg):
         torch.manual_seed(cfg.seed)
         torch._dynamo.reset()
@@ -323,7 +329,8 @@ def grid_ae(cfg, data, log):
     if cfg.ae_ckpt:
         if not os.path.isfile(cfg.ae_ckpt):
             fail(f"--ae_ckpt {cfg.ae_ckpt} does not exist")
-        if cfg.ae_ckpt != data.meta["ae_ckpt"] or file_digest(cfg.ae_ckpt) != data.meta.get("ae_sha256"):
+        if os.path.abspath(cfg.ae_ckpt) != os.path.abspath(data.meta["ae_ckpt"]) or \
+                data.meta.get("ae_sha256") and file_digest(cfg.ae_ckpt) != data.meta["ae_sha256"]:
             log(f"sample grids are decoded with --ae_ckpt {cfg.ae_ckpt}, not the AE the cache was encoded with")
         return cfg.ae_ckpt
     path = data.meta["ae_ckpt"]
@@ -380,8 +387,7 @@ def main(argv=None):
 
     # --- data
     data = LatentCache(cfg.latents).to(d.device)
-    if d.master:
-        lock_dir(cfg.out_dir)
+    d.run0(lambda: lock_dir(cfg.out_dir))
     shape = (data.channels, data.size, data.size)
     model_args = dict(preset=cfg.model, in_channels=data.channels, input_size=data.size,
                       num_classes=data.num_classes, qk_norm=cfg.qk_norm)
@@ -409,12 +415,10 @@ def main(argv=None):
     if d.world_size > 1:
         model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
-    if d.master:
-        save_config(cfg, cfg.out_dir)
-    d.barrier()
+    d.run0(lambda: save_config(cfg, cfg.out_dir))
     log = Logger(cfg.out_dir, d.master)
     log(json.dumps(asdict(cfg)))
-    ae_path = grid_ae(cfg, data, log) if cfg.sample_every and d.master else None
+    ae_path = d.run0(lambda: grid_ae(cfg, data, log)) if cfg.sample_every else None  # rank 0 draws the grids
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops = flops_per_image(raw_model, data.channels, data.size, data.num_classes, d.device)
     peak = peak_flops(d.device)
@@ -424,8 +428,9 @@ def main(argv=None):
         + (f" | resumed at step {step}" if cfg.resume else ""))
 
     # --- loop
-    causes = (f"a NaN in the latent cache {cfg.latents}, a zero or tiny std in its meta.json, or a NaN weight in the "
-              f"checkpoint this run resumed from")
+    causes = (f"a NaN in the latent cache {cfg.latents}, a tiny std in its meta.json, a learning rate too high "
+              f"(--lr {cfg.lr})" + (f", or a NaN weight in {ckpt_path}, which this run resumed from" if cfg.resume
+                                    else ""))
     saved_step = step if cfg.resume else None
 
     def save(step):
@@ -433,11 +438,9 @@ def main(argv=None):
         if n_logged:  # the guard before every checkpoint: the steps since the last log line (one sync)
             check_finite(step, dict(zip(("loss", "grad norm"), d.all_reduce_mean(torch.stack([loss_sum, grad_sum]))
                                         .tolist())), causes, saved_step)
-        if d.master:
-            save_checkpoint(ckpt_path, "dit", raw_model, cfg, step, ema=ema, opt=opt, model_args=model_args,
-                            latent_meta=data.meta)
+        d.run0(lambda: save_checkpoint(ckpt_path, "dit", raw_model, cfg, step, ema=ema, opt=opt,
+                                       model_args=model_args, latent_meta=data.meta))
         saved_step = step
-        d.barrier()
 
     model.train()
     loss_sum, grad_sum, n_logged = torch.zeros((), device=d.device), torch.zeros((), device=d.device), 0
@@ -489,10 +492,8 @@ def main(argv=None):
                 n_logged, host_seconds = 0, 0.0
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                 save(step)
-            if ae_path and step % cfg.sample_every == 0:
-                sample_grid(cfg, ema, data, ae_path, step, d.device, log)
             if cfg.sample_every and step % cfg.sample_every == 0:
-                d.barrier()
+                d.run0(lambda: ae_path and sample_grid(cfg, ema, data, ae_path, step, d.device, log))
     finally:
         reader.close()
 
