@@ -1233,8 +1233,13 @@ def load_checkpoint(path, kind):
     released PAE and LightningDiT files are recognised and converted into the same schema."""
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist; check the path")
-    try:  # memory-mapped: ranks that need only part of a large file (e.g. no optimizer state) read only that
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:  # memory-mapped: ranks that need only part of a large file (e.g. no optimizer state) read only that;
+        try:  # files in the legacy (non-zip) format cannot be mapped and are read whole
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"checkpoint {path} cannot be read safely ({type(e).__name__}); it is truncated, corrupt, not a "
              f"checkpoint, or pickles Python objects that a weights-only load refuses (for a file you trust, re-save "
