@@ -163,8 +163,9 @@ def scr_loss(latent_tokens, target_tokens):
 
 
 def l1_lpips(pred, target, lpips_net):
-    """[L1 + LPIPS] per image (B,), images in [-1, 1]."""
-    return (pred.float() - target.float()).abs().mean((1, 2, 3)) + lpips_net(pred.float(), target.float())
+    """[L1 + LPIPS] per image (B,), images in [-1, 1]; L1 alone when lpips_net is None."""
+    l1 = (pred.float() - target.float()).abs().mean((1, 2, 3))
+    return l1 if lpips_net is None else l1 + lpips_net(pred.float(), target.float())
 
 
 def mcr_loss(recon, rotated, lpips_net):
@@ -178,9 +179,12 @@ def pae_loss(out, images01, lpips_net, refiner=None, disc=None, l1=1.0, lpips=1.
              scr=1.0, upsample="bilateral", lowpass=0.4):
     """Total tokenizer loss from out = pae(images01, thetas_deg=(42.5, 85.0)) -> (total, parts). The GAN
     term is on only when a discriminator is passed (after disc_start); SCR needs the frozen refiner (P_t); a zero
-    weight skips its term. parts: the unweighted terms, detached fp32 scalars for the log."""
+    weight skips its term (lpips=0 also inside MCR, which then compares by L1 alone, and lpips_net may be None).
+    parts: the unweighted terms, detached fp32 scalars for the log."""
     x, recon = images01.float() * 2 - 1, out["recon"].float() * 2 - 1
-    parts = {"l1": (recon - x).abs().mean(), "lpips": lpips_net(recon, x).mean()}
+    parts = {"l1": (recon - x).abs().mean()}
+    if lpips:
+        parts["lpips"] = lpips_net(recon, x).mean()
     if gan and disc is not None:
         parts["gan"] = -disc(recon).float().mean()
     latent_tokens = out["latent"].flatten(2).transpose(1, 2)  # (B, N, 32)
@@ -189,7 +193,7 @@ def pae_loss(out, images01, lpips_net, refiner=None, disc=None, l1=1.0, lpips=1.
     if mcr:
         if not out["rotated"]:
             fail("the MCR loss needs the rotated decodings: call pae(images, thetas_deg=(42.5, 85.0))")
-        parts["mcr"] = mcr_loss(recon, [r.float() * 2 - 1 for r in out["rotated"]], lpips_net)
+        parts["mcr"] = mcr_loss(recon, [r.float() * 2 - 1 for r in out["rotated"]], lpips_net if lpips else None)
     if scr:
         if refiner is None:
             fail("the SCR loss needs the refined target network P_t: pass the refine-stage checkpoint")

@@ -219,7 +219,7 @@ VFM_PRESETS = {  # name: (timm model, input px); grid = input / patch = 16 for a
     "dinov3": ("vit_large_patch16_dinov3.lvd1689m", 256),
     "siglip2": ("vit_so400m_patch16_siglip_256.v2_webli", 256),
     "mae": ("vit_large_patch16_224.mae", 256),
-    "tiny": (None, 32),  # random DINOv2-style ViT (4 registers, layer scale), 2 layers, patch 4, width 64: CPU only
+    "tiny": (None, 32),  # random DINOv2-style ViT (4 registers, layer scale, sin-cos positions), 2 layers, patch 4, width 64
 }
 DECODER_PRESETS = {  # name: (width, depth, heads, mlp), as released
     "tiny": (64, 2, 4, 256), "B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096), "XL": (1152, 28, 16, 4096),
@@ -302,6 +302,7 @@ class VFM(nn.Module):
                 net = timm.models.vision_transformer.VisionTransformer(  # the layout of timm's *_reg4_dinov2
                     img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=0, reg_tokens=4,
                     no_embed_class=True, init_values=1.0)
+                net.pos_embed.data.copy_(sincos_2d(64, 8)[None])  # fixed: its tokens carry position, as trained ones do
             mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
             notice("VFM: tiny random DINOv2-style ViT (2 layers, width 64), no pretrained weights: CPU runs only")
         else:

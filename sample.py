@@ -82,8 +82,8 @@ class Config:
 PRESETS = {
     "80ep": dict(cfg_scale=2.5, cfg_interval_start=0.25),  # 80-epoch DiT (gFID 1.27)
     "800ep": dict(cfg_scale=3.3, cfg_interval_start=0.3),  # 800-epoch DiT with qk_norm (gFID 1.03)
-    "tiny": dict(ckpt="out/tiny/dit/ckpt.pt", out="out/tiny/samples.npz", num_samples=64, num_steps=50,
-                 batch_size=16, compile=False),  # 64 = 4 of each of the 16 synthetic classes
+    "tiny": dict(ckpt="out/tiny/dit/ckpt.pt", out="out/tiny/samples.npz", labels="0,1,2,3,4,5,6,7", per_label=8,
+                 num_steps=50, batch_size=16, compile=False),  # 8 x 8: one row per class of the tiny "colours" data
 }
 
 # -----------------------------------------------------------------------------

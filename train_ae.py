@@ -61,6 +61,7 @@ class Config:
     overwrite: bool = False  # replace a finished refine.pt / ae.pt / eval.json / latent cache (else refused)
     image_size: int = 256  # px; ADM center crop of ImageFolder images, size of synthetic images
     synthetic_size: int = 1_281_167  # images in the synthetic dataset (ImageNet-1k train size)
+    synthetic_kind: str = "textures"  # textures: 16 classes (shape x texture, random colours); colours: 8 (shape, hue)
     vfm: str = "dinov2"  # dinov2 | dinov3 | siglip2 | mae
     vfm_weights: str = ""  # local VFM weight file; "" = timm / Hugging Face cache
     decoder: str = "L"  # pixel decoder preset: B | L | XL
@@ -80,8 +81,8 @@ class Config:
     upsample: str = "bilateral"  # structural target's feature up-sampler: bilateral | bilinear [our reading]
     lowpass: float = 0.4  # structural target's low-pass strength
     l1_weight: float = 1.0  # the paper's loss weights: L1 1, LPIPS 1, GAN 0.5, SSR 0.2, MCR 0.5, SCR 1
-    lpips_weight: float = 1.0  # LPIPS (VGG16) reconstruction term
-    gan_weight: float = 0.5  # generator's GAN term, from disc_start on
+    lpips_weight: float = 1.0  # LPIPS (VGG16) reconstruction term; 0 = L1 alone, inside MCR too
+    gan_weight: float = 0.5  # generator's GAN term, from disc_start on; 0 = no GAN (the discriminator is not trained)
     ssr_weight: float = 0.2  # SSR: token Gram matrix against the refined VFM structure
     mcr_weight: float = 0.5  # MCR: cascaded decodings of latents rotated by 42.5 and 85 degrees
     scr_weight: float = 1.0  # SCR: cosine to the refined targets Z_T, pooled and per token
@@ -102,8 +103,9 @@ class Config:
     bench_steps: int = 5  # timed steps per bench setting
     device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda
 
-    CHOICES = {"stage": ("", "refine", "ae", "encode", "eval"), "vfm": tuple(M.VFM_PRESETS),
-               "decoder": tuple(M.DECODER_PRESETS), "upsample": ("bilateral", "bilinear"), "device": M.DEVICES}
+    CHOICES = {"stage": ("", "refine", "ae", "encode", "eval"), "synthetic_kind": ("textures", "colours"),
+               "vfm": tuple(M.VFM_PRESETS), "decoder": tuple(M.DECODER_PRESETS), "upsample": ("bilateral", "bilinear"),
+               "device": M.DEVICES}
     POSITIVE = ("image_size", "synthetic_size", "batch_size", "refine_steps", "max_steps", "lr", "log_every",
                 "ckpt_every", "eval_images", "psnr_images", "lpc_images", "bench_steps")
     NONNEGATIVE = ("micro_batch_size", "weight_decay", "grad_clip", "gram_weight", "lowpass", "l1_weight",
@@ -114,9 +116,13 @@ class Config:
 
 PRESETS = {
     "paper": {},
-    "tiny": dict(image_size=32, synthetic_size=2048, batch_size=8, refine_steps=100, max_steps=500, lr=1e-3,
-                 disc_start=400, log_every=50, ckpt_every=250, eval_images=256, psnr_images=32, lpc_images=16,
-                 num_workers=0, compile=False, out_dir="out/tiny"),
+    # tiny: the CPU quickstart, 8 "colours" classes at 32 px. No LPIPS (its VGG would be random: L1 alone), MCR at 1/10
+    # of the paper's weight and no GAN (it starts at the last step): at 32 px, with 48 pixel values per 32-channel
+    # token, the paper's MCR holds the reconstructions at flat colour fields and the GAN adds a checker pattern
+    "tiny": dict(image_size=32, synthetic_size=2048, synthetic_kind="colours", batch_size=16, refine_steps=100,
+                 max_steps=500, lr=3e-3, lpips_weight=0.0, mcr_weight=0.05, disc_start=500,
+                 log_every=50, ckpt_every=250, eval_images=256, psnr_images=32, lpc_images=16, num_workers=0,
+                 compile=False, out_dir="out/tiny"),
 }
 
 # -----------------------------------------------------------------------------
@@ -165,33 +171,50 @@ class ImageFolderADM(torch.utils.data.Dataset):
 
 SHAPES = ("disc", "square", "triangle", "ring")
 TEXTURES = ("solid", "stripes", "checker", "dots")
+HUES = ("red", "orange", "lime", "green", "cyan", "blue", "violet", "magenta")  # 45 degrees apart
+SYNTHETIC_CLASSES = {"textures": len(SHAPES) * len(TEXTURES), "colours": len(HUES)}
 
 
 class SyntheticImages(torch.utils.data.Dataset):
-    """Procedural class-conditional images at any resolution, nothing downloaded: class = (shape, texture),
-    16 classes, label = index % 16 (balanced); colours, position, scale, rotation, texture frequency and
-    background gradient are drawn from a generator seeded by (seed, index), so image i is always the same."""
+    """Procedural class-conditional images at any resolution, nothing downloaded, label = index % classes
+    (balanced). kind 'textures': 16 classes = (shape, texture), random colours; kind 'colours': 8 classes, class k
+    = (shape k % 4, hue k), solid. Colours, position, scale, rotation, texture frequency and background gradient are
+    drawn from a generator seeded by (seed, index), so image i is always the same."""
 
-    num_classes = len(SHAPES) * len(TEXTURES)
-
-    def __init__(self, count, size, seed=0):
-        self.count, self.size, self.seed = count, size, seed
-        self.name = f"synthetic(count={count}, size={size}, seed={seed})"
+    def __init__(self, count, size, seed=0, kind="textures"):
+        self.count, self.size, self.seed, self.kind = count, size, seed, kind
+        self.num_classes = SYNTHETIC_CLASSES[kind]
+        self.name = f"synthetic(kind={kind}, count={count}, size={size}, seed={seed})"
 
     def __len__(self):
         return self.count
 
+    def class_name(self, label):
+        if self.kind == "colours":
+            return f"{HUES[label]} {SHAPES[label % len(SHAPES)]}"
+        return f"{TEXTURES[label % len(TEXTURES)]} {SHAPES[label // len(TEXTURES)]}"
+
     def __getitem__(self, index):
         label = index % self.num_classes
-        shape, texture = SHAPES[label // len(TEXTURES)], TEXTURES[label % len(TEXTURES)]
+        colours = self.kind == "colours"
+        shape = SHAPES[label % len(SHAPES)] if colours else SHAPES[label // len(TEXTURES)]
+        texture = "solid" if colours else TEXTURES[label % len(TEXTURES)]
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0]))
         rand = lambda *n: torch.rand(*n, generator=g)  # noqa: E731
         S = self.size
         y, x = torch.meshgrid((torch.arange(S) + 0.5) / S, (torch.arange(S) + 0.5) / S, indexing="ij")
         angle = rand(1) * 2 * math.pi  # background: a linear gradient between two random colours
         ramp = ((x - 0.5) * angle.cos() + (y - 0.5) * angle.sin()) / math.sqrt(2) + 0.5
-        background = rand(3, 1, 1) + (rand(3, 1, 1) - rand(3, 1, 1)) * ramp
-        cx, cy, scale, rot = 0.3 + 0.4 * rand(1), 0.3 + 0.4 * rand(1), 0.12 + 0.18 * rand(1), rand(1) * 2 * math.pi
+        if colours:  # a mid grey with a gentle ramp, so that the only hue, and most of the contrast, is the shape's
+            start, end = 0.3 + 0.4 * rand(1, 1, 1), 0.3 + 0.4 * rand(1, 1, 1)
+            background = (start + (end - start) * ramp).expand(3, S, S)
+        else:
+            background = rand(3, 1, 1) + (rand(3, 1, 1) - rand(3, 1, 1)) * ramp
+        if colours:  # a shape of about half the image, near the centre
+            cx, cy, scale = 0.4 + 0.2 * rand(1), 0.4 + 0.2 * rand(1), 0.28 + 0.08 * rand(1)
+        else:
+            cx, cy, scale = 0.3 + 0.4 * rand(1), 0.3 + 0.4 * rand(1), 0.12 + 0.18 * rand(1)
+        rot = rand(1) * 2 * math.pi
         u = ((x - cx) * rot.cos() + (y - cy) * rot.sin()) / scale  # shape coordinates: unit size, rotated
         v = (-(x - cx) * rot.sin() + (y - cy) * rot.cos()) / scale
         radius = (u ** 2 + v ** 2).sqrt()
@@ -209,10 +232,21 @@ class SyntheticImages(torch.utils.data.Dataset):
             "checker": (torch.sin(2 * math.pi * f * u) * torch.sin(2 * math.pi * f * v) > 0).float(),
             "dots": (((f * u) % 1 - 0.5) ** 2 + ((f * v) % 1 - 0.5) ** 2 < 0.09).float(),
         }[texture]
-        ink, paper = rand(3, 1, 1), rand(3, 1, 1)
+        if colours:  # the class hue (+-8 degrees), saturated, of random brightness
+            hue = (label + (rand(1) - 0.5) * 0.35) / len(HUES)
+            ink = hsv_to_rgb(hue, 0.75 + 0.25 * rand(1), 0.7 + 0.3 * rand(1)).view(3, 1, 1)
+            paper = ink
+        else:
+            ink, paper = rand(3, 1, 1), rand(3, 1, 1)
         foreground = ink + (paper - ink) * pattern
         image = background * (1 - mask) + foreground * mask + 0.02 * torch.randn(3, S, S, generator=g)
         return (image.clamp(0, 1) * 255).round().to(torch.uint8), label, 0
+
+
+def hsv_to_rgb(h, s, v):
+    """HSV (tensors of one element, hue in turns) -> RGB tensor (3,)."""
+    k = (torch.tensor([5.0, 3.0, 1.0]) + h * 6) % 6
+    return v - v * s * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
 def make_dataset(cfg, held_out=False):
@@ -221,10 +255,11 @@ def make_dataset(cfg, held_out=False):
         if cfg.val_data:
             return ImageFolderADM(cfg.val_data, cfg.image_size)
         if cfg.data == "synthetic":  # a different seed: images never seen in training
-            return SyntheticImages(max(cfg.eval_images, cfg.psnr_images), cfg.image_size, seed=cfg.seed + 1)
+            return SyntheticImages(max(cfg.eval_images, cfg.psnr_images), cfg.image_size, cfg.seed + 1,
+                                   cfg.synthetic_kind)
         return None
     if cfg.data == "synthetic":
-        return SyntheticImages(cfg.synthetic_size, cfg.image_size, seed=cfg.seed)
+        return SyntheticImages(cfg.synthetic_size, cfg.image_size, cfg.seed, cfg.synthetic_kind)
     return ImageFolderADM(cfg.data, cfg.image_size)
 
 
@@ -739,7 +774,7 @@ def ae_stage(cfg, d, log, refine_path):
     refiner.load_state_dict(refine_ckpt["model"])
     refiner = refiner.to(d.device).requires_grad_(False).eval()  # P_t supplies the SSR/SCR targets, frozen
     torch.manual_seed(cfg.seed)  # the same initial weights (and tiny random LPIPS) on every rank and every run
-    lpips_net = make_lpips(cfg).to(d.device)
+    lpips_net = make_lpips(cfg).to(d.device) if cfg.lpips_weight else None  # weight 0: L1 alone, MCR too
     pae = new_pae(cfg, d)
     made_for = (refine_ckpt["config"].get("vfm"), refine_ckpt["config"].get("preset") == "tiny",
                 refine_ckpt["refiner_args"].get("vfm_width"))
@@ -764,8 +799,9 @@ def ae_stage(cfg, d, log, refine_path):
     n_params = sum(p.numel() for p in pae.trainable_parameters())
     log(f"ae: {n_params / 1e6:.2f}M trainable parameters, {flops / 1e9:.2f} GFLOP per image (generator, fwd+bwd) | "
         f"P_t from {refine_path} | data {dataset.name}: {len(dataset)} images | world {d.world_size} x micro-batch "
-        f"{micro} x accumulation {accum} = batch {cfg.batch_size} | {cfg.max_steps} steps, GAN from step "
-        f"{cfg.disc_start}" + ("" if held_out is not None else " | no --val_data: no held-out PSNR"))
+        f"{micro} x accumulation {accum} = batch {cfg.batch_size} | {cfg.max_steps} steps, "
+        + (f"GAN from step {cfg.disc_start}" if cfg.disc_start < cfg.max_steps and cfg.gan_weight else "no GAN")
+        + ("" if held_out is not None else " | no --val_data: no held-out PSNR"))
     loader = train_loader(cfg, d, dataset, step)
     meter = IntervalLog(cfg, d, log, "ae", cfg.max_steps, flops, f"a NaN in the images of {dataset.name}, a NaN "
                         f"weight in {refine_path} or in the checkpoint this run resumed from, or a learning rate too "
@@ -791,7 +827,7 @@ def ae_stage(cfg, d, log, refine_path):
         for group in opt.param_groups + disc_opt.param_groups:
             group["lr"] = lr
         batches, skipped = micro_batches(cfg, d, loader, step)
-        parts_sum = train_step(batches, gan_on=step >= cfg.disc_start)
+        parts_sum = train_step(batches, gan_on=cfg.gan_weight > 0 and step >= cfg.disc_start)
         step += 1
         meter.add(step, parts_sum, skipped)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
