@@ -219,7 +219,7 @@ VFM_PRESETS = {  # name: (timm model, input px); grid = input / patch = 16 for a
     "dinov3": ("vit_large_patch16_dinov3.lvd1689m", 256),
     "siglip2": ("vit_so400m_patch16_siglip_256.v2_webli", 256),
     "mae": ("vit_large_patch16_224.mae", 256),
-    "tiny": (None, 32),  # random DINOv2-style ViT (4 registers, layer scale, sin-cos positions), 2 layers, patch 4, width 64
+    "tiny": (None, 32),  # random DINOv2-style ViT (registers, layer scale, sin-cos positions), 2 layers, width 64
 }
 DECODER_PRESETS = {  # name: (width, depth, heads, mlp), as released
     "tiny": (64, 2, 4, 256), "B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096), "XL": (1152, 28, 16, 4096),

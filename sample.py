@@ -353,7 +353,9 @@ def main(argv=None):
     # --- which samples: class-balanced, or per_label of each chosen class
     chosen = [int(c) for c in cfg.labels.split(",") if c.strip().isdigit()] if cfg.labels else []
     if len(chosen) != len(cfg.labels.split(",")) * bool(cfg.labels) or any(c >= num_classes for c in chosen):
-        fail(f"--labels {cfg.labels} has a class outside 0..{num_classes - 1}")
+        fail(f"--labels {cfg.labels} has a class outside 0..{num_classes - 1}, the classes of this DiT"
+             + ("; --preset tiny asks for 0-7, so pass --labels (\"\" = all classes in turn)" if cfg.preset == "tiny"
+                else ""))
     if chosen:
         num_samples = len(chosen) * cfg.per_label
     elif cfg.num_samples <= 0 or cfg.num_samples % num_classes:

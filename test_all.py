@@ -734,7 +734,10 @@ def test_sample_py_on_released_files(released_files, tmp_path):
             "6", "--num_steps", "3", "--batch_size", "6", "--out", str(tmp_path / "s.npz")]
     with pytest.raises(SystemExit, match="--latent_stats"):
         sample.main(args)
-    sample.main(args + ["--latent_stats", str(root / "latents_stats.pt"), "--sampler", "sde", "--cfg_scale", "1"])
+    args += ["--latent_stats", str(root / "latents_stats.pt"), "--sampler", "sde", "--cfg_scale", "1"]
+    with pytest.raises(SystemExit, match="outside 0..2, the classes of this DiT; --preset tiny asks for 0-7"):
+        sample.main(args)  # a 3-class DiT: the tiny preset's 8 x 8 grid of classes 0-7 cannot be drawn
+    sample.main(args + ["--labels", ""])  # all classes in turn
     with np.load(tmp_path / "s.npz") as f:
         assert f["arr_0"].shape == (6, 32, 32, 3) and f["labels"].tolist() == [0, 1, 2, 0, 1, 2]
         assert len(np.unique(f["arr_0"].reshape(6, -1), axis=0)) == 6
@@ -800,16 +803,17 @@ def test_synthetic_dataset_deterministic_balanced_and_varied():
 def test_synthetic_colours_classes_have_their_hue_and_shape():
     data = train_ae.SyntheticImages(32, 32, seed=0, kind="colours")
     assert data.num_classes == 8 and [data[i][1] for i in range(16)] == list(range(8)) * 2
-    assert data.class_name(0) == "red disc" and data.class_name(7) == "magenta ring"
+    name = lambda k: f"{train_ae.HUES[k]} {train_ae.SHAPES[k % 4]}"  # noqa: E731
+    assert name(0) == "red disc" and name(7) == "magenta ring"
     for index in range(16):
         image, label, _ = data[index]
         rgb = image.float().flatten(1) / 255
         saturation = rgb.max(0).values - rgb.min(0).values
         shape = saturation > 0.3  # the background is grey: only the shape has colour
-        assert 0.08 < shape.float().mean() < 0.6, data.class_name(label)  # a shape of a sensible size is drawn
+        assert 0.08 < shape.float().mean() < 0.6, name(label)  # a shape of a sensible size is drawn
         r, g, b = rgb[:, shape].mean(1).tolist()
         hue = math.atan2(math.sqrt(3) * (g - b), 2 * r - g - b) / (2 * math.pi) % 1
-        assert min(abs(hue - label / 8), 1 - abs(hue - label / 8)) < 0.06, (data.class_name(label), hue)
+        assert min(abs(hue - label / 8), 1 - abs(hue - label / 8)) < 0.06, (name(label), hue)
     ring, disc = data[3][0].float(), data[0][0].float()
     centre = lambda im: (im.max(0).values - im.min(0).values)[12:20, 12:20].mean()  # noqa: E731
     assert centre(ring) < centre(disc) - 40  # a ring is hollow, a disc is not
@@ -888,7 +892,7 @@ def test_pipeline_ddp_writes_valid_cache_that_train_dit_trains_on(pipeline):
     labels = np.load(root / "latents" / "labels.npy")
     meta = json.load(open(root / "latents" / "meta.json"))
     assert latents.dtype == np.float16 and latents.shape == (32, 2, 32, 8, 8)
-    assert labels.dtype == np.int64 and labels.tolist() == [i % 16 for i in range(32)]
+    assert labels.dtype == np.int64 and labels.tolist() == [i % 8 for i in range(32)]
     assert meta["count"] == 32 and meta["channels"] == 32 and meta["size"] == 8 and meta["num_classes"] == 8
     assert os.path.isabs(meta["ae_ckpt"]) and os.path.isfile(meta["ae_ckpt"])
     z = latents[:, 0].astype(np.float64)
@@ -908,7 +912,7 @@ def test_encode_deterministic_same_with_one_process_and_refuses_overwrite(pipeli
     assert np.array_equal(one, two)  # 1 process == 2 processes, bit for bit
     assert np.array_equal(np.load(root / "latents1" / "labels.npy"), np.load(root / "latents" / "labels.npy"))
     pae = train_ae.M.pae_from_checkpoint(str(root / "ae" / "ae.pt"))
-    image = train_ae.SyntheticImages(32, 32)[5][0][None].float() / 255
+    image = train_ae.SyntheticImages(32, 32, kind="colours")[5][0][None].float() / 255  # the tiny preset's data
     with torch.no_grad():  # slot 1 holds the latent of the horizontally flipped image
         flipped = pae.encode(image.flip(-1)).numpy()
     assert np.allclose(one[5, 1], flipped, atol=2e-2)
@@ -1036,7 +1040,7 @@ def _pipeline(tmp_path, num_classes=3, with_meta=True):
 
 def _args(tmp_path, dit_path, name="samples", **extra):
     args = {"preset": "tiny", "ckpt": dit_path, "out": str(tmp_path / f"{name}.npz"), "num_samples": 12,
-            "num_steps": 4, "batch_size": 5, **extra}
+            "num_steps": 4, "batch_size": 5, "labels": "", **extra}  # labels "": all classes in turn, not 0-7
     return [f"--{k}={v}" for k, v in args.items()]
 
 

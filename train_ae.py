@@ -189,11 +189,6 @@ class SyntheticImages(torch.utils.data.Dataset):
     def __len__(self):
         return self.count
 
-    def class_name(self, label):
-        if self.kind == "colours":
-            return f"{HUES[label]} {SHAPES[label % len(SHAPES)]}"
-        return f"{TEXTURES[label % len(TEXTURES)]} {SHAPES[label // len(TEXTURES)]}"
-
     def __getitem__(self, index):
         label = index % self.num_classes
         colours = self.kind == "colours"
