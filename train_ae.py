@@ -200,14 +200,12 @@ class SyntheticImages(torch.utils.data.Dataset):
         y, x = torch.meshgrid((torch.arange(S) + 0.5) / S, (torch.arange(S) + 0.5) / S, indexing="ij")
         angle = rand(1) * 2 * math.pi  # background: a linear gradient between two random colours
         ramp = ((x - 0.5) * angle.cos() + (y - 0.5) * angle.sin()) / math.sqrt(2) + 0.5
-        if colours:  # a mid grey with a gentle ramp, so that the only hue, and most of the contrast, is the shape's
+        if colours:  # mid greys with a gentle ramp (the only hue is the shape's), a large shape near the centre
             start, end = 0.3 + 0.4 * rand(1, 1, 1), 0.3 + 0.4 * rand(1, 1, 1)
             background = (start + (end - start) * ramp).expand(3, S, S)
-        else:
-            background = rand(3, 1, 1) + (rand(3, 1, 1) - rand(3, 1, 1)) * ramp
-        if colours:  # a shape of about half the image, near the centre
             cx, cy, scale = 0.4 + 0.2 * rand(1), 0.4 + 0.2 * rand(1), 0.28 + 0.08 * rand(1)
         else:
+            background = rand(3, 1, 1) + (rand(3, 1, 1) - rand(3, 1, 1)) * ramp
             cx, cy, scale = 0.3 + 0.4 * rand(1), 0.3 + 0.4 * rand(1), 0.12 + 0.18 * rand(1)
         rot = rand(1) * 2 * math.pi
         u = ((x - cx) * rot.cos() + (y - cy) * rot.sin()) / scale  # shape coordinates: unit size, rotated
