@@ -25,6 +25,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -1056,15 +1057,21 @@ def make_optimizer(cfg, params, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=device.type == "cuda")
 
 
-def progress(iterable, show=True, desc="", unit="it", total=None):
+def mixed_seed(*keys):
+    """A 32-bit seed mixed from integer keys by a SeedSequence (torch's CPU generator keeps only 32 bits of a seed,
+    so the keys are mixed rather than packed into one number)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def progress(iterable, show=True, desc="", unit="it"):
     """A tqdm bar on a terminal; redirected to a file, one plain line per tenth of the loop instead, so a log holds
     no carriage-return lines. show=False (other ranks): the bare iterable."""
     if not show:
         return iterable
     if sys.stderr.isatty():
         from tqdm import tqdm
-        return tqdm(iterable, desc=desc, unit=unit, total=total, dynamic_ncols=True)
-    return _plain_progress(iterable, desc, unit, total if total is not None else len(iterable))
+        return tqdm(iterable, desc=desc, unit=unit, dynamic_ncols=True)
+    return _plain_progress(iterable, desc, unit, len(iterable))
 
 
 def _plain_progress(iterable, desc, unit, total):
@@ -1127,15 +1134,15 @@ def atomic_write(path, write_fn):
         fail(f"could not write {path} ({e.strerror or e}; is the disk full?); the previous file, if any, is unchanged")
 
 
-def check_output(path, overwrite=False, inputs=(), flag="--overwrite"):
+def check_output(path, overwrite=False, inputs=()):
     """Before any work: refuse to write over an input of the same command, to replace a finished result without
-    `flag`, and to write into a folder that cannot be created or written."""
+    --overwrite, and to write into a folder that cannot be created or written."""
     for source in inputs:
         if source and os.path.abspath(source) == os.path.abspath(path) or \
                 source and os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path):
             fail(f"{path} is also an input of this command; choose another output path")
     if os.path.exists(path) and not overwrite:
-        fail(f"{path} already exists; pass {flag} to replace it or choose another output path")
+        fail(f"{path} already exists; pass --overwrite to replace it or choose another output path")
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)  # the nearest existing parent decides whether we may create the rest
@@ -1310,8 +1317,12 @@ def time_calls(fn, steps, device, warmup=2):
 
 
 def bench_modes(cfg):
-    """Compile off, then on (unless --compile false): each bench reports both."""
-    return (False, True) if cfg.compile else (False,)
+    """Compile off, then on (unless --compile false): each bench reports both. Each mode starts from a fresh
+    torch.compile state, so its graph-break count is its own."""
+    for compiled in (False, True) if cfg.compile else (False,):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        yield compiled
 
 
 def count_flops(fn):

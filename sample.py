@@ -37,7 +37,7 @@ from torchvision.utils import save_image
 from losses import shift_time
 from model import (DEVICES, Dist, atomic_write, bench_modes, build_dit, build_pae, check_output, count_flops, fail,
                    file_digest, format_duration, gpu_guard, load_checkpoint, lock_dir, pae_from_checkpoint,
-                   parse_config, print0, progress, read_latent_meta, report, time_calls)
+                   mixed_seed, parse_config, print0, progress, read_latent_meta, report, time_calls)
 
 # -----------------------------------------------------------------------------
 # config
@@ -164,9 +164,7 @@ def classes_of(indices, num_classes, chosen, per_label):
 
 def sample_latents(model, indices, labels, shape, cfg, null_class, device):
     """Latents (B, C, H, W) of the given global sample indices, fp32; noise from one generator per sample."""
-    # one generator per sample from (seed, index); torch's CPU generator keeps only 32 bits of its seed, so the two
-    # are mixed by a SeedSequence rather than packed into one 64-bit number
-    generators = [torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0]))
+    generators = [torch.Generator().manual_seed(mixed_seed(cfg.seed, i))  # one generator per sample: (seed, index)
                   for i in indices]
 
     def draw():  # (B, C, H, W), row b from sample b's own stream, so batching never changes a sample
@@ -274,8 +272,6 @@ def bench(cfg, d):
         1, dtype=torch.long, device=d.device)
     flops = passes * count_flops(lambda: raw(x, t, y)) + count_flops(lambda: decode(pae, x, cfg.decode_precision))
     for compiled in bench_modes(cfg):
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
         model = torch.compile(raw) if compiled else raw
 
         def one_batch():
@@ -376,9 +372,12 @@ def main(argv=None):
             if json.load(f) != settings:
                 fail(f"{shard_dir} holds shards of a run with other settings; delete it or choose another --out")
     d.barrier()
-    if d.master:
+
+    def claim():  # rank 0: the folder lock, then the settings of this run
         lock_dir(shard_dir)
         atomic_write(settings_path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
+
+    d.run0(claim)
     todo = [s for s in range(num_shards) if not os.path.isfile(shard_path(s))]
     d.barrier()  # every rank has listed the unfinished shards before any new one appears
     print0(f"{num_samples} samples in {num_shards} shards of {cfg.batch_size}; {num_shards - len(todo)} done "

@@ -194,7 +194,7 @@ class SyntheticImages(torch.utils.data.Dataset):
         colours = self.kind == "colours"
         shape = SHAPES[label % len(SHAPES)] if colours else SHAPES[label // len(TEXTURES)]
         texture = "solid" if colours else TEXTURES[label % len(TEXTURES)]
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0]))
+        g = torch.Generator().manual_seed(M.mixed_seed(self.seed, index))
         rand = lambda *n: torch.rand(*n, generator=g)  # noqa: E731
         S = self.size
         y, x = torch.meshgrid((torch.arange(S) + 0.5) / S, (torch.arange(S) + 0.5) / S, indexing="ij")
@@ -282,11 +282,10 @@ class StepSampler(torch.utils.data.Sampler):
             step += 1
 
 
-def shard_loader(cfg, dataset, lo, hi, batch):
+def shard_loader(cfg, d, dataset, lo, hi, batch):
     """Images lo..hi-1 of the dataset in order (encode and eval), `batch` at a time."""
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch,
-                                       num_workers=cfg.num_workers, pin_memory=cfg.device != "cpu" and
-                                       torch.cuda.is_available())
+                                       num_workers=cfg.num_workers, pin_memory=d.device.type == "cuda")
 
 
 def to_images01(batch, device):
@@ -338,12 +337,13 @@ def encode_stage(cfg, d, log, ae_path):
         f"(latents {C}x{H}x{W}, {num_classes} classes, {d.world_size} ranks x batch {batch})")
     counts = torch.zeros(2, device=d.device)  # images skipped as unreadable, latent values not finite
     start, i = time.perf_counter(), lo
-    for images, y, skips in progress(shard_loader(cfg, dataset, lo, hi, batch), d.master, "encode", "batch"):
+    for images, y, skips in progress(shard_loader(cfg, d, dataset, lo, hi, batch), d.master, "encode", "batch"):
         x = to_images01(images, d.device)
         with autocast(d.device):  # fp32 weights under a bf16 autocast (the release casts the weights to bf16)
             pair = torch.stack([pae.encode(x), pae.encode(x.flip(-1))], dim=1)  # (B, 2, C, H, W)
-        counts += torch.stack([skips.sum().to(counts), (~torch.isfinite(pair.half())).sum().to(counts)])
-        latents[i:i + len(x)] = pair.half().cpu().numpy()
+        pair = pair.half()
+        counts += torch.stack([skips.sum().to(counts), (~torch.isfinite(pair)).sum().to(counts)])
+        latents[i:i + len(x)] = pair.cpu().numpy()
         labels[i:i + len(x)] = y.numpy()
         i += len(x)
     latents.flush(), labels.flush()
@@ -642,7 +642,7 @@ def evaluate(cfg, d, pae, dataset, count, lpips_net=None, inception=None):
     was_training = pae.training
     pae.eval()
     i = lo
-    for images, y, _ in progress(shard_loader(cfg, dataset, lo, hi, batch), d.master and lpips_net is not None,
+    for images, y, _ in progress(shard_loader(cfg, d, dataset, lo, hi, batch), d.master and lpips_net is not None,
                                  "eval", "batch"):  # no progress mid-training
         x = to_images01(images, d.device)
         with autocast(d.device):
@@ -871,8 +871,6 @@ def bench(cfg, d):
     images = torch.rand(micro, 3, cfg.image_size, cfg.image_size, device=d.device)
     batches = [(images, 0)]
     for compiled in bench_modes(cfg):
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
         run = replace(cfg, compile=compiled)
         torch.manual_seed(cfg.seed)
         pae = new_pae(run, d, pretrained=False)

@@ -15,6 +15,7 @@ Benchmark:      python train_dit.py --bench --model XL/1   (random latents; img/
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import queue
@@ -34,7 +35,7 @@ from losses import flow_matching_loss, sample_timesteps
 from model import (DEVICES, Dist, Logger, autocast, batch_layout, build_dit, check_finite, count_flops, dit_preset,
                    ema_update, fail, file_digest, format_duration, gpu_guard, load_checkpoint, lock_dir, make_optimizer,
                    bench_modes, pae_from_checkpoint, parse_config, peak_flops, read_latent_meta, report, save_checkpoint,
-                   save_config)
+                   save_config, mixed_seed, time_calls)
 
 # -----------------------------------------------------------------------------
 # config
@@ -152,7 +153,7 @@ class LatentCache:
 
 def step_seed(cfg, step, stream):
     """A 32-bit seed for one random stream of one step (0: flips, 1: the rest), mixed from (seed, step, stream)."""
-    return int(np.random.SeedSequence([cfg.seed, step, stream]).generate_state(1)[0])
+    return mixed_seed(cfg.seed, step, stream)
 
 
 def step_flips(cfg, step):
@@ -252,8 +253,6 @@ def bench(cfg, d):
     micro = cfg.micro_batch_size or min(64, cfg.batch_size // d.world_size)  # 64 fits an 80 GB card for XL/1
     for compiled in bench_modes(cfg):
         torch.manual_seed(cfg.seed)
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
         raw = build_dit(cfg.model, channels, size, num_classes=num_classes, qk_norm=cfg.qk_norm,
                         grad_ckpt=cfg.grad_ckpt).to(d.device)
         flops = flops_per_image(raw, channels, size, num_classes, d.device)
@@ -262,19 +261,11 @@ def bench(cfg, d):
         batch = [(torch.randn(micro, channels, size, size, device=d.device), torch.rand(micro, device=d.device),
                   torch.randint(0, num_classes, (micro,), device=d.device),
                   torch.randn(micro, channels, size, size, device=d.device))]
-        for _ in range(3):  # warm-up (and compilation)
-            train_step(cfg, model, raw, opt, batch, d.device)
-        if d.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(cfg.bench_steps):
-            loss, _ = train_step(cfg, model, raw, opt, batch, d.device)
-        loss.item()
-        seconds = time.perf_counter() - start
-        report(f"train_dit {cfg.model} micro-batch {micro}", micro * cfg.bench_steps / seconds, "img", flops,
-               d.device, compiled, f"{flops / 1e9:.1f} GFLOP/img fwd+bwd | {seconds / cfg.bench_steps:.3f} s/step")
-        del model, raw, opt
+        step = functools.partial(train_step, cfg, model, raw, opt, batch, d.device)  # no closure over the del below
+        seconds = time_calls(step, cfg.bench_steps, d.device, warmup=3)
+        report(f"train_dit {cfg.model} micro-batch {micro}", micro / seconds, "img", flops, d.device, compiled,
+               f"{flops / 1e9:.1f} GFLOP/img fwd+bwd | {seconds:.3f} s/step")
+        del model, raw, opt, step
     bench_input(cfg, d)
 
 
@@ -484,10 +475,10 @@ def main(argv=None):
                 mem = f"{torch.cuda.max_memory_allocated(d.device) / 2**30:.1f}GiB" if d.device.type == "cuda" else "-"
                 eta = format_duration((cfg.max_steps - step) * cfg.batch_size / img_s) if img_s == img_s else "-"
                 host_ms = 1000 * host_seconds / n_logged
-                log(f"step {step}/{cfg.max_steps} | loss {stats[0].item():.4f} | lr {cfg.lr:.2e} | grad "
-                    f"{stats[1].item():.3f} | {img_s:.1f} img/s | MFU {mfu} | mem {mem} | host {host_ms:.1f}ms/step | "
-                    f"ETA {eta}")
-                check_finite(step, {"loss": stats[0].item(), "grad norm": stats[1].item()}, causes, saved_step)
+                loss_v, grad_v = stats.tolist()  # one device sync per log line
+                log(f"step {step}/{cfg.max_steps} | loss {loss_v:.4f} | lr {cfg.lr:.2e} | grad {grad_v:.3f} | "
+                    f"{img_s:.1f} img/s | MFU {mfu} | mem {mem} | host {host_ms:.1f}ms/step | ETA {eta}")
+                check_finite(step, {"loss": loss_v, "grad norm": grad_v}, causes, saved_step)
                 loss_sum.zero_(), grad_sum.zero_()
                 n_logged, host_seconds = 0, 0.0
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
