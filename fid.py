@@ -297,21 +297,30 @@ class ImageFolder:
             return np.zeros((299, 299, 3), np.uint8)  # a stand-in; statistics() stops after the pass
 
 
-def npz_images(path):
-    """arr_0 of an ADM-style .npz: memory-mapped when stored uncompressed (np.savez), so ranks read only their share."""
+def npy_header(f):
+    """(shape, fortran_order, dtype) of the .npy stream f, which is left at the start of the data."""
+    version = np.lib.format.read_magic(f)
+    return (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+
+
+def npz_images(path, header_only=False):
+    """arr_0 of an ADM-style .npz: memory-mapped when stored uncompressed (np.savez), so ranks read only their share.
+    header_only: a zero-memory stand-in of its shape and dtype, read without decompressing anything."""
     with zipfile.ZipFile(path) as zf:
         if "arr_0.npy" not in zf.namelist():
             fail(f"{path} has no arr_0 (uint8 N x H x W x 3 images) and no mu/sigma statistics")
         info = zf.getinfo("arr_0.npy")
+        if header_only:
+            with zf.open(info) as f:
+                shape, _, dtype = npy_header(f)
+            return np.broadcast_to(np.zeros((), dtype), shape)
         if info.compress_type != zipfile.ZIP_STORED:
             return np.load(path)["arr_0"]
     with open(path, "rb") as f:  # the member's data follow its local header (30 bytes + name + extra field)
         f.seek(info.header_offset + 26)
         name_len, extra_len = struct.unpack("<HH", f.read(4))
         f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(f)
+        shape, fortran_order, dtype = npy_header(f)
         offset = f.tell()
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran_order else "C")
 
@@ -477,7 +486,7 @@ def check_source(path, what):
     if "mu" not in shapes:
         if not has_images:
             fail(f"{what} {path} has no arr_0 (uint8 N x H x W x 3 images) and no mu/sigma statistics")
-        check_images(npz_images(path), f"{what} {path}: arr_0")
+        check_images(npz_images(path, header_only=True), f"{what} {path}: arr_0")
 
 
 def bench(cfg, d, batches=4):

@@ -4,7 +4,7 @@ PAE reference implementation: every loss.
 Sections (each marked with a banner):
   1. flow matching       timestep sampling and the velocity loss of the DiT
   2. LPIPS               VGG16 + the v0.1 linear calibration layers
-  3. tokenizer losses    GAN, SSR, MCR, SCR, the total PAE loss; the refine-stage loss
+  3. tokenizer losses    the structural target H_ref; GAN, SSR, MCR, SCR, the total PAE loss; the refine loss
   4. diagnostics         LPC and GSQ of a latent space, SSIM of reconstructions
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import fail, file_digest, notice, structural_target
+from model import fail, file_digest, notice
 
 # -----------------------------------------------------------------------------
 # 1. flow matching. t = 0 is noise, t = 1 is data: x_t = t*x1 + (1-t)*x0, v = x1 - x0.
@@ -136,6 +136,74 @@ class LPIPS(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 3. tokenizer losses; latent tokens are (B, N, 32), pixels in [-1, 1], every loss in fp32
+
+
+# the structural target H_ref of SSR and of the refine stage's Gram term
+
+
+def _joint_bilateral_up(features, guide, sigma_spatial=0.5, sigma_range=0.1, radius=1):
+    """Joint bilateral up-sampling (Kopf et al. 2007): features (B, C, g, g) -> (B, C, R, R), each pixel a mean of
+    its (2r+1)^2 nearest tokens weighted by spatial distance (in tokens) and colour distance of the guide image
+    (B, 3, R, R) in [0, 1] to the guide's mean colour under each token. sigma_spatial 0.5 tokens makes the 3 x 3
+    window's cut negligible (weight 0.01 at its edge)  [our reading]."""
+    g, R = features.shape[-1], guide.shape[-1]
+    s = R // g
+    guide_low = F.adaptive_avg_pool2d(guide, g)
+    pos = (torch.arange(R, device=guide.device) + 0.5) / s - 0.5  # pixel centres in token units
+    cell = torch.div(torch.arange(R, device=guide.device), s, rounding_mode="floor")
+    pad = lambda x: F.pad(x, (radius,) * 4)
+    feats, colours, valid = pad(features), pad(guide_low), pad(torch.ones(1, 1, g, g, device=guide.device))
+    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+    up = lambda x, dy, dx: x[..., cell[:, None] + radius + dy, cell[None, :] + radius + dx]  # nearest, shifted
+    log_weights = torch.stack([
+        up(valid, dy, dx).log()  # -inf outside the grid; the centre token is always inside
+        - ((pos[:, None] - cell[:, None] - dy) ** 2 + (pos[None, :] - cell[None, :] - dx) ** 2) / (2 * sigma_spatial ** 2)
+        - (guide - up(colours, dy, dx)).pow(2).sum(1, keepdim=True) / (2 * sigma_range ** 2) for dy, dx in offsets])
+    weights = torch.softmax(log_weights, dim=0)  # normalised in log space: no 0/0 when every exp underflows
+    return sum(w * up(feats, dy, dx) for w, (dy, dx) in zip(weights, offsets))
+
+
+def _structural_mixing(images01, g, upsample, lowpass):
+    """(b, N, N) matrix taking the g x g tokens to H_ref for each image (see structural_target)."""
+    b, N, s = len(images01), g * g, max(1, images01.shape[-1] // g)  # s: pixels per token
+    guide = F.interpolate(images01, size=s * g, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    eye = torch.eye(N, device=images01.device).view(1, N, g, g).expand(b, -1, -1, -1)
+    if upsample == "bilateral":
+        up = _joint_bilateral_up(eye, guide)
+    else:
+        up = F.interpolate(eye, size=s * g, mode="bilinear", align_corners=False)
+    if lowpass > 0:  # separable Gaussian blur, sigma = lowpass tokens = lowpass * s pixels
+        sigma = lowpass * s
+        taps = torch.arange(-math.ceil(3 * sigma), math.ceil(3 * sigma) + 1, device=up.device, dtype=up.dtype)
+        kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+        kernel = (kernel / kernel.sum()).repeat(N, 1, 1, 1)  # (N, 1, 1, k), one filter per channel
+        k = kernel.shape[-1] // 2
+        up = F.conv2d(F.pad(up, (k, k, 0, 0), mode="replicate"), kernel, groups=N)
+        up = F.conv2d(F.pad(up, (0, 0, k, k), mode="replicate"), kernel.transpose(-1, -2), groups=N)
+    down = F.interpolate(up, size=g, mode="bilinear", align_corners=False)  # (b, N_in, g, g)
+    return down.flatten(2).transpose(1, 2)  # (b, N_out, N_in)
+
+
+@torch.no_grad()
+def structural_target(images01, vfm_tokens, upsample="bilateral", lowpass=0.4):
+    """H_ref (B, N, W): VFM tokens up-sampled to the image resolution (256 px: 16 px per token) guided
+    by the image, low-pass filtered, bilinear down to the token grid. The low-pass is a Gaussian blur with sigma =
+    lowpass tokens (0.4 * 16 = 6.4 px at 256 px). The whole map is linear in the tokens, so we push the identity
+    through it once per image, giving an (N, N) mixing matrix, and apply that to the tokens."""
+    if upsample not in ("bilateral", "bilinear"):
+        fail(f"unknown up-sampling {upsample!r}; valid: bilateral, bilinear")
+    g = math.isqrt(vfm_tokens.shape[1])
+    with torch.autocast(vfm_tokens.device.type, enabled=False):  # a target: fp32 throughout
+        if upsample == "bilinear":  # no image guidance: one matrix for every image, computed once per shape
+            key = (g, tuple(images01.shape[-2:]), lowpass, str(images01.device))
+            if key not in _BILINEAR_MIXING:
+                _BILINEAR_MIXING[key] = _structural_mixing(images01[:1].float(), g, upsample, lowpass)[0]
+            return _BILINEAR_MIXING[key] @ vfm_tokens.float()
+        mixing = [_structural_mixing(chunk, g, upsample, lowpass) for chunk in images01.float().split(8)]
+        return torch.cat(mixing) @ vfm_tokens.float()  # chunks of 8 images bound memory: (8, N, 256, 256)
+
+
+_BILINEAR_MIXING = {}  # (grid, image size, lowpass, device) -> (N, N)
 
 
 def hinge_d_loss(real_logits, fake_logits):

@@ -1,19 +1,20 @@
 """
-PAE reference implementation: every network, plus a short section of shared plumbing.
+PAE reference implementation: every network, their loaders, plus a short section of shared plumbing.
 
 Sections (each marked with a banner):
   1. LightningDiT        the flow-matching generator trained on PAE latents
-  2. PAE tokenizer       frozen VFM, DAM, spherical latent, ViT decoder, build_pae
-  3. prior refinement    P_t, Q_t and the structural target H_ref
+  2. PAE tokenizer       frozen VFM, DAM, spherical latent, ViT decoder
+  3. prior refinement    P_t and Q_t
   4. PatchGAN            the discriminator of the GAN loss
-  5. released checkpoints the authors' PAE and DiT files, converted in memory by load_checkpoint
-  6. shared plumbing     config parsing and validation, dist, print0, checkpoints, guards, locks, FLOPs
+  5. loaders             build_* from presets, *_from_checkpoint (ours and the authors' released files)
+  6. shared plumbing     config, dist, print0, checkpoints, guards, locks, the run kit of the training loops, FLOPs
 """
 
 import argparse
 import atexit
 import dataclasses
 import datetime
+import functools
 import hashlib
 import inspect
 import json
@@ -191,26 +192,6 @@ class LightningDiT(nn.Module):
         return h.reshape(B, C, g * p, g * p)
 
 
-DIT_PRESETS = {  # name: (hidden, depth, heads), LightningDiT's
-    "tiny": (64, 2, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16),
-}
-
-
-def dit_preset(preset):
-    """'XL/1', 'B/2', ... (size/patch) -> (hidden, depth, heads, patch), or one sentence listing the valid names."""
-    size, _, patch = preset.partition("/")
-    if size not in DIT_PRESETS or patch not in ("1", "2"):
-        fail(f"unknown DiT model {preset!r}; use SIZE/PATCH with SIZE in {', '.join(DIT_PRESETS)} and PATCH 1 or 2 "
-             f"(e.g. XL/1)")
-    return (*DIT_PRESETS[size], int(patch))
-
-
-def build_dit(preset, in_channels=32, input_size=16, **overrides):
-    """preset: 'XL/1', 'B/2', ... (size/patch) -> LightningDiT. overrides: num_classes, qk_norm, grad_ckpt."""
-    dim, depth, heads, patch = dit_preset(preset)
-    return LightningDiT(in_channels, input_size, patch, dim, depth, heads, **overrides)
-
-
 # -----------------------------------------------------------------------------
 # 2. PAE tokenizer: frozen VFM, DAM, spherical latent, ViT decoder
 
@@ -289,35 +270,12 @@ def init_vit(module):
 
 
 class VFM(nn.Module):
-    """Frozen vision foundation model: images01 -> last-layer patch tokens (B, N, W), no autograd."""
+    """Frozen vision foundation model: images01 -> last-layer patch tokens (B, N, W), no autograd. net: a timm ViT
+    (build_vfm), whose final LayerNorm loses its affine, as released."""
 
-    def __init__(self, name, pretrained=True, weights=None):
+    def __init__(self, net, input_size, mean, std):
         super().__init__()
-        import timm  # slow to import, and only the PAE needs it
-        if name not in VFM_PRESETS:
-            fail(f"unknown VFM {name!r}; valid names: {', '.join(VFM_PRESETS)}")
-        timm_name, self.input_size = VFM_PRESETS[name]
-        if name == "tiny":
-            with torch.random.fork_rng(devices=[]):  # fixed seed: the same random VFM in every process and run
-                torch.manual_seed(0)
-                net = timm.models.vision_transformer.VisionTransformer(  # the layout of timm's *_reg4_dinov2
-                    img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=0, reg_tokens=4,
-                    no_embed_class=True, init_values=1.0)
-                net.pos_embed.data.copy_(sincos_2d(64, 8)[None])  # fixed: its tokens carry position, as trained ones do
-            mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-            notice("VFM: tiny random DINOv2-style ViT (2 layers, width 64), no pretrained weights: CPU runs only")
-        else:
-            weights = weights if pretrained else None  # e.g. decode-only on another machine: no file needed
-            if weights and not os.path.isfile(weights):
-                fail(f"VFM weights file {weights} does not exist; pass the path of a {timm_name} weight file")
-            try:  # timm's own loading: Hugging Face cache, or the local file (resampling the position embedding)
-                net = timm.create_model(timm_name, pretrained=pretrained, img_size=self.input_size, num_classes=0,
-                                        pretrained_cfg_overlay=dict(file=weights) if weights else None)
-            except Exception as e:
-                fail(f"could not load the pretrained weights of {timm_name} ({type(e).__name__}); fetch them once "
-                     f"into the Hugging Face cache on a machine with network access (python -c \"import timm; "
-                     f"timm.create_model('{timm_name}', pretrained=True)\") or pass a local file with --vfm_weights")
-            mean, std = net.pretrained_cfg["mean"], net.pretrained_cfg["std"]
+        self.input_size = input_size
         self.width, self.heads, self.patch = net.embed_dim, net.blocks[0].attn.num_heads, net.patch_embed.patch_size[0]
         self.grid = self.input_size // self.patch
         net.norm = nn.LayerNorm(self.width, eps=net.norm.eps, elementwise_affine=False)  # as released: no affine
@@ -439,8 +397,6 @@ class PAE(nn.Module):
         super().__init__()
         W, heads, g = vfm.width, vfm.heads, vfm.grid  # DAM, projector and deprojector: the VFM's width and heads
         self.image_size = image_size or 16 * g  # 256 px for the paper's 16x16 grid
-        if self.image_size % g:
-            fail(f"image_size {self.image_size} must be a multiple of the VFM token grid {g}")
         self.vfm = vfm
         self.dam = DAM(W, heads, vfm.patch, g, dam_depth)
         self.projector = Projector(W, heads, g)
@@ -476,41 +432,9 @@ class PAE(nn.Module):
         return missing, unexpected
 
 
-def build_pae(vfm="dinov2", decoder="L", pretrained=True, preset=None, vfm_weights=None, **overrides):
-    """PAE from presets. preset='tiny': tiny VFM, DAM and decoder for CPU. overrides: image_size (px,
-    default 16 per token; tiny 32), dam_depth. pretrained=False skips loading VFM weights (e.g. on meta)."""
-    if preset == "tiny":
-        vfm, decoder, overrides = "tiny", "tiny", {"image_size": 32, "dam_depth": 2, **overrides}
-    elif preset is not None:
-        fail(f"unknown PAE preset {preset!r}; valid presets: tiny (or none for the paper configuration)")
-    if decoder not in DECODER_PRESETS:
-        fail(f"unknown decoder {decoder!r}; valid names: {', '.join(DECODER_PRESETS)}")
-    pae = PAE(VFM(vfm, pretrained, vfm_weights), *DECODER_PRESETS[decoder], **overrides)
-    pae.pae_args = dict(vfm=vfm, decoder=decoder, vfm_weights=vfm_weights, **overrides)
-    return pae
-
-
-def pae_from_checkpoint(path, device="cpu", decode_only=False):
-    """PAE in eval mode from a 'pae' checkpoint (ours, or the authors' released file): architecture from its
-    pae_args, raw (non-EMA) weights as the released code extracts latents with. The VFM weights come from the
-    file when it carries them (a released file may), else from their pretrained source. decode_only=True skips
-    the VFM weights, which decoding never uses (sample.py); such a PAE must not encode."""
-    ckpt = load_checkpoint(path, "pae")
-    if "pae_args" not in ckpt:
-        fail(f"checkpoint {path} has no 'pae_args' entry; it was not written by train_ae.py --stage ae")
-    vfm_state = None if decode_only else ckpt.get("vfm")
-    pae = build_pae(**ckpt["pae_args"], pretrained=not decode_only and vfm_state is None)
-    try:
-        pae.load_state_dict(ckpt["model"])
-        if vfm_state is not None:
-            pae.vfm.net.load_state_dict(vfm_state)
-    except RuntimeError as e:
-        fail(f"checkpoint {path} does not match its recorded architecture {ckpt['pae_args']} ({e})")
-    return pae.to(device).eval()
-
-
 # -----------------------------------------------------------------------------
-# 3. VFM prior refinement: targets Z_T = P_t(H_vfm), H_hat = Q_t(Z_T), structural target H_ref
+# 3. VFM prior refinement: targets Z_T = P_t(H_vfm), H_hat = Q_t(Z_T) (the structural target H_ref is a loss
+# target: losses.py)
 
 
 class PriorRefiner(nn.Module):
@@ -537,76 +461,6 @@ class PriorRefiner(nn.Module):
         return self.recon_out(self.recon_norm(x))
 
 
-def build_refiner(vfm_width, preset=None, depth=4):
-    """P_t and Q_t for VFM tokens of width vfm_width; preset='tiny' uses a 1-layer Q_t."""
-    return PriorRefiner(vfm_width, depth=1 if preset == "tiny" else depth)
-
-
-def _joint_bilateral_up(features, guide, sigma_spatial=0.5, sigma_range=0.1, radius=1):
-    """Joint bilateral up-sampling (Kopf et al. 2007): features (B, C, g, g) -> (B, C, R, R), each pixel a mean of
-    its (2r+1)^2 nearest tokens weighted by spatial distance (in tokens) and colour distance of the guide image
-    (B, 3, R, R) in [0, 1] to the guide's mean colour under each token. sigma_spatial 0.5 tokens makes the 3 x 3
-    window's cut negligible (weight 0.01 at its edge)  [our reading]."""
-    g, R = features.shape[-1], guide.shape[-1]
-    s = R // g
-    guide_low = F.adaptive_avg_pool2d(guide, g)
-    pos = (torch.arange(R, device=guide.device) + 0.5) / s - 0.5  # pixel centres in token units
-    cell = torch.div(torch.arange(R, device=guide.device), s, rounding_mode="floor")
-    pad = lambda x: F.pad(x, (radius,) * 4)
-    feats, colours, valid = pad(features), pad(guide_low), pad(torch.ones(1, 1, g, g, device=guide.device))
-    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
-    up = lambda x, dy, dx: x[..., cell[:, None] + radius + dy, cell[None, :] + radius + dx]  # nearest, shifted
-    log_weights = torch.stack([
-        up(valid, dy, dx).log()  # -inf outside the grid; the centre token is always inside
-        - ((pos[:, None] - cell[:, None] - dy) ** 2 + (pos[None, :] - cell[None, :] - dx) ** 2) / (2 * sigma_spatial ** 2)
-        - (guide - up(colours, dy, dx)).pow(2).sum(1, keepdim=True) / (2 * sigma_range ** 2) for dy, dx in offsets])
-    weights = torch.softmax(log_weights, dim=0)  # normalised in log space: no 0/0 when every exp underflows
-    return sum(w * up(feats, dy, dx) for w, (dy, dx) in zip(weights, offsets))
-
-
-def _structural_mixing(images01, g, upsample, lowpass):
-    """(b, N, N) matrix taking the g x g tokens to H_ref for each image (see structural_target)."""
-    b, N, s = len(images01), g * g, max(1, images01.shape[-1] // g)  # s: pixels per token
-    guide = F.interpolate(images01, size=s * g, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-    eye = torch.eye(N, device=images01.device).view(1, N, g, g).expand(b, -1, -1, -1)
-    if upsample == "bilateral":
-        up = _joint_bilateral_up(eye, guide)
-    else:
-        up = F.interpolate(eye, size=s * g, mode="bilinear", align_corners=False)
-    if lowpass > 0:  # separable Gaussian blur, sigma = lowpass tokens = lowpass * s pixels
-        sigma = lowpass * s
-        taps = torch.arange(-math.ceil(3 * sigma), math.ceil(3 * sigma) + 1, device=up.device, dtype=up.dtype)
-        kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
-        kernel = (kernel / kernel.sum()).repeat(N, 1, 1, 1)  # (N, 1, 1, k), one filter per channel
-        k = kernel.shape[-1] // 2
-        up = F.conv2d(F.pad(up, (k, k, 0, 0), mode="replicate"), kernel, groups=N)
-        up = F.conv2d(F.pad(up, (0, 0, k, k), mode="replicate"), kernel.transpose(-1, -2), groups=N)
-    down = F.interpolate(up, size=g, mode="bilinear", align_corners=False)  # (b, N_in, g, g)
-    return down.flatten(2).transpose(1, 2)  # (b, N_out, N_in)
-
-
-@torch.no_grad()
-def structural_target(images01, vfm_tokens, upsample="bilateral", lowpass=0.4):
-    """H_ref (B, N, W): VFM tokens up-sampled to the image resolution (256 px: 16 px per token) guided
-    by the image, low-pass filtered, bilinear down to the token grid. The low-pass is a Gaussian blur with sigma =
-    lowpass tokens (0.4 * 16 = 6.4 px at 256 px). The whole map is linear in the tokens, so we push the identity
-    through it once per image, giving an (N, N) mixing matrix, and apply that to the tokens."""
-    if upsample not in ("bilateral", "bilinear"):
-        fail(f"unknown up-sampling {upsample!r}; valid: bilateral, bilinear")
-    g = math.isqrt(vfm_tokens.shape[1])
-    with torch.autocast(vfm_tokens.device.type, enabled=False):  # a target: fp32 throughout
-        if upsample == "bilinear":  # no image guidance: one matrix for every image, computed once per shape
-            key = (g, tuple(images01.shape[-2:]), lowpass, str(images01.device))
-            if key not in _BILINEAR_MIXING:
-                _BILINEAR_MIXING[key] = _structural_mixing(images01[:1].float(), g, upsample, lowpass)[0]
-            return _BILINEAR_MIXING[key] @ vfm_tokens.float()
-        mixing = [_structural_mixing(chunk, g, upsample, lowpass) for chunk in images01.float().split(8)]
-        return torch.cat(mixing) @ vfm_tokens.float()  # chunks of 8 images bound memory: (8, N, 256, 256)
-
-
-_BILINEAR_MIXING = {}  # (grid, image size, lowpass, device) -> (N, N)
-
-
 # -----------------------------------------------------------------------------
 # 4. PatchGAN discriminator
 
@@ -630,72 +484,15 @@ class PatchDiscriminator(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 5. the authors' released checkpoints, recognised by load_checkpoint and converted in memory into our schema.
-# Released PAE file: {"model": state_dict} (DAM = delta_encoder, projector = latent_compressor, deprojector =
-# latent_decompressor, decoder = a ViT-MAE decoder; the VFM as encoder.* in Hugging Face's DINOv2 key names, when
-# present). Released DiT file: {"model", "ema", "opt", "config"} of LightningDiT; the latent mean/std live in a
-# separate latents_stats.pt. A rule's target containing "{q,k,v}" splits a fused tensor into three equal parts;
-# targets ending in "#q", "#k", "#v" are concatenated back into one fused tensor.
+# 5. loaders: each network from its preset, or from a checkpoint of its kind: ours, or the authors' released file,
+# recognised and converted in memory right under its loader. Released PAE file: {"model": state_dict} (DAM =
+# delta_encoder, projector = latent_compressor, deprojector = latent_decompressor, decoder = a ViT-MAE decoder; the
+# VFM as encoder.* in Hugging Face's DINOv2 key names, when present). Released DiT file: {"model", "ema", "opt",
+# "config"} of LightningDiT; the latent mean/std live in a separate latents_stats.pt. A conversion rule maps a
+# released key to ours; a target containing "{q,k,v}" splits a fused tensor into three equal parts, and targets
+# ending in "#q", "#k", "#v" are concatenated back into one fused tensor.
 
 _BLOCK = r"(\d+)\."
-RELEASED_PAE_RULES = [
-    (r"delta_encoder\.patch_embed\.proj\.(.+)", r"dam.patch_embed.\1"),
-    (r"delta_encoder\.pos_embed", "dam.pos_embed"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"self_attn\.qkv\.(.+)", r"dam.blocks.\1.self_attn.{q,k,v}.\2"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"(self|cross)_attn\.proj\.(.+)", r"dam.blocks.\1.\2_attn.proj.\3"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"cross_attn\.([qkv])_proj\.(.+)", r"dam.blocks.\1.cross_attn.\2.\3"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"(norm1|norm3)\.(.+)", r"dam.blocks.\1.\2.\3"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"norm2_q\.(.+)", r"dam.blocks.\1.norm2.\2"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"norm2_kv\.(.+)", r"dam.blocks.\1.norm_vfm.\2"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"mlp\.fc1\.(.+)", r"dam.blocks.\1.mlp.0.\2"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"mlp\.fc2\.(.+)", r"dam.blocks.\1.mlp.2.\2"),
-    (r"delta_encoder\.fusion_proj\.(.+)", r"dam.sft.\1"),
-    (r"delta_encoder\.final_ln\.(.+)", r"dam.norm.\1"),
-    (r"latent_compressor\.0\.qkv\.(.+)", r"projector.attn.{q,k,v}.\1"),
-    (r"latent_compressor\.0\.proj\.(.+)", r"projector.attn.proj.\1"),
-    (r"latent_compressor\.1\.(.+)", r"projector.conv.\1"),
-    (r"latent_decompressor\.0\.(.+)", r"deprojector.conv.\1"),
-    (r"latent_decompressor\.1\.qkv\.(.+)", r"deprojector.attn.{q,k,v}.\1"),
-    (r"latent_decompressor\.1\.proj\.(.+)", r"deprojector.attn.proj.\1"),
-    (r"decoder\.decoder_embed\.(.+)", r"decoder.embed.\1"),
-    (r"decoder\.decoder_pos_embed", "decoder.pos_embed"),
-    (r"decoder\.trainable_cls_token", "decoder.cls_token"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"layernorm_before\.(.+)", r"decoder.blocks.\1.norm1.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.attention\.query\.(.+)", r"decoder.blocks.\1.attn.q.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.attention\.key\.(.+)", r"decoder.blocks.\1.attn.k.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.attention\.value\.(.+)", r"decoder.blocks.\1.attn.v.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.output\.dense\.(.+)", r"decoder.blocks.\1.attn.proj.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"layernorm_after\.(.+)", r"decoder.blocks.\1.norm2.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"intermediate\.dense\.(.+)", r"decoder.blocks.\1.mlp.0.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"output\.dense\.(.+)", r"decoder.blocks.\1.mlp.2.\2"),
-    (r"decoder\.decoder_norm\.(.+)", r"decoder.norm.\1"),
-    (r"decoder\.decoder_pred\.(.+)", r"decoder.head.\1"),
-]
-RELEASED_DINOV2_RULES = [  # Hugging Face Dinov2WithRegistersModel (transformers 4 and 5 names) -> timm ViT
-    (r"embeddings\.patch_embeddings\.projection\.(.+)", r"patch_embed.proj.\1"),
-    (r"embeddings\.register_tokens", "reg_token"),
-    (r"encoder\.layer\." + _BLOCK + r"(norm1|norm2)\.(.+)", r"blocks.\1.\2.\3"),
-    (r"encoder\.layer\." + _BLOCK + r"attention\.(?:attention\.query|q_proj)\.(.+)", r"blocks.\1.attn.qkv.\2#q"),
-    (r"encoder\.layer\." + _BLOCK + r"attention\.(?:attention\.key|k_proj)\.(.+)", r"blocks.\1.attn.qkv.\2#k"),
-    (r"encoder\.layer\." + _BLOCK + r"attention\.(?:attention\.value|v_proj)\.(.+)", r"blocks.\1.attn.qkv.\2#v"),
-    (r"encoder\.layer\." + _BLOCK + r"attention\.(?:output\.dense|o_proj)\.(.+)", r"blocks.\1.attn.proj.\2"),
-    (r"encoder\.layer\." + _BLOCK + r"layer_scale([12])\.lambda1", r"blocks.\1.ls\2.gamma"),
-    (r"encoder\.layer\." + _BLOCK + r"mlp\.(fc1|fc2)\.(.+)", r"blocks.\1.mlp.\2.\3"),
-]
-RELEASED_DIT_RULES = [
-    (r"x_embedder\.proj\.(.+)", r"x_embed.\1"),
-    (r"pos_embed", "pos_embed"),
-    (r"t_embedder\.mlp\.([02])\.(.+)", r"t_embed.\1.\2"),
-    (r"y_embedder\.embedding_table\.weight", "y_embed.weight"),
-    (r"blocks\." + _BLOCK + r"(norm1|norm2)\.weight", r"blocks.\1.\2.weight"),
-    (r"blocks\." + _BLOCK + r"attn\.(qkv|proj|q_norm|k_norm)\.(.+)", r"blocks.\1.attn.\2.\3"),
-    (r"blocks\." + _BLOCK + r"mlp\.(w12|w3)\.(.+)", r"blocks.\1.ffn.\2.\3"),
-    (r"blocks\." + _BLOCK + r"adaLN_modulation\.1\.(.+)", r"blocks.\1.adaLN.1.\2"),
-    (r"final_layer\.norm_final\.weight", "final_norm.weight"),
-    (r"final_layer\.linear\.(.+)", r"final_linear.\1"),
-    (r"final_layer\.adaLN_modulation\.1\.(.+)", r"final_adaLN.1.\1"),
-    (r"feat_rope\.freqs_(cos|sin)", r"rope_\1"),  # fixed tables, checked against ours and not loaded
-]
 
 
 def _strip_wrappers(state):
@@ -745,78 +542,77 @@ def _check_converted(converted, origin, expected, path, what):
         fail(f"{path} does not convert into the released {what} architecture: {'; '.join(problems)}")
 
 
-def _release_format(ckpt):
-    """'pae' or 'dit' for a dict in one of the authors' released file formats, else None."""
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+def _release_format(ckpt, path, kind):
+    """'pae' or 'dit' for a dict in one of the authors' released file formats, else None; the other kind's released
+    file is one sentence."""
+    if not isinstance(ckpt, dict) or "kind" in ckpt or not isinstance(ckpt.get("model"), dict):
         return None
     keys = _strip_wrappers(ckpt["model"])
-    if any(k.startswith("latent_compressor.") for k in keys):
-        return "pae"
-    if any(k.startswith("x_embedder.") for k in keys):
-        return "dit"
-    return None
+    released = "pae" if any(k.startswith("latent_compressor.") for k in keys) else \
+        "dit" if any(k.startswith("x_embedder.") for k in keys) else None
+    if released not in (None, kind):
+        fail(f"{path} is the authors' released {released.upper()} file, but a {kind!r} checkpoint is needed here")
+    return released
 
 
-def convert_released_dinov2(state, vfm, path="the released file"):
-    """Hugging Face Dinov2WithRegistersModel weights (transformers 4 or 5 key names) -> the state dict of our
-    timm VFM `vfm` (built, e.g. on meta), so both compute the same patch tokens. HF adds position row 0 to the
-    class token and resamples the 37x37 patch rows to the token grid at run time (bicubic, antialias, fp32); timm
-    holds patch rows only, computed here once the same way. The mask token is HF-only and unused."""
-    state = {k: v for k, v in state.items() if k != "embeddings.mask_token"}
-    table, cls = state.pop("embeddings.position_embeddings", None), state.pop("embeddings.cls_token", None)
-    if table is None or cls is None:
-        fail(f"{path}: the released DINOv2 weights lack the class token or the position table")
-    out, origin = _convert(state, RELEASED_DINOV2_RULES, path, "DINOv2")
-    g0, g = math.isqrt(table.shape[1] - 1), vfm.grid
-    grid = table[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False, antialias=True)
-    out["pos_embed"] = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(1, g * g, -1)
-    out["cls_token"] = cls + table[:, :1]
-    origin.update(pos_embed="embeddings.position_embeddings", cls_token="embeddings.cls_token")
-    _check_converted(out, origin, vfm.net.state_dict(), path, "DINOv2")
-    return out
+DIT_PRESETS = {  # name: (hidden, depth, heads), LightningDiT's
+    "tiny": (64, 2, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16),
+}
 
 
-def _convert_released_pae(state, path):
-    """The authors' PAE {"model": ...} -> our 'pae' checkpoint; DINOv2-L is the released (and only verified) VFM."""
-    vfm_keys = {k for k in state if k.startswith("encoder.")}
-    prefix = "encoder.encoder." if any(k.startswith("encoder.encoder.embeddings.") for k in vfm_keys) else "encoder."
-    vfm_state = {k[len(prefix):]: state[k] for k in vfm_keys}
-    state = {k: v for k, v in state.items() if k not in vfm_keys}
-    needed = ("delta_encoder.pos_embed", "delta_encoder.patch_embed.proj.weight", "decoder.decoder_embed.weight",
-              "decoder.decoder_pred.weight", "latent_compressor.1.weight")
-    if any(k not in state for k in needed):
-        fail(f"{path} looks like a released PAE file but lacks {[k for k in needed if k not in state][:3]}; it "
-             f"was not saved with the DAM (use_delta_encoder) or is incomplete")
-    width, patch = state["delta_encoder.pos_embed"].shape[-1], state["delta_encoder.patch_embed.proj.weight"].shape[-1]
-    vfm_name = {(1024, 14): "dinov2", (64, 4): "tiny"}.get((width, patch))  # tiny: the CPU test miniature
-    if vfm_name is None:
-        fail(f"{path} is a released PAE on a VFM of width {width} and patch {patch}; only the DINOv2-L release "
-             f"(width 1024, patch 14) is verified to convert exactly")
-    layers = lambda p: 1 + max(int(k[len(p):].split(".")[0]) for k in state if k.startswith(p))  # noqa: E731
-    decoder = (state["decoder.decoder_embed.weight"].shape[0], layers("decoder.decoder_layers."),
-               state["decoder.decoder_layers.0.intermediate.dense.weight"].shape[0])
-    name = next((n for n, p in DECODER_PRESETS.items() if (p[0], p[1], p[3]) == decoder), None)
-    if name is None:
-        fail(f"{path}: the released decoder (width {decoder[0]}, {decoder[1]} layers, MLP {decoder[2]}) matches no "
-             f"decoder preset ({', '.join(DECODER_PRESETS)})")
-    grid = math.isqrt(state["delta_encoder.pos_embed"].shape[1])
-    dec_patch = math.isqrt(state["decoder.decoder_pred.weight"].shape[0] // 3)
-    pae_args = dict(vfm=vfm_name, decoder=name, vfm_weights=None, image_size=grid * dec_patch,
-                    dam_depth=layers("delta_encoder.layers."))
-    with torch.device("meta"):
-        pae = build_pae(**pae_args, pretrained=False)
-    converted, origin = _convert(state, RELEASED_PAE_RULES, path, "PAE")
-    _check_converted(converted, origin, pae.state_dict(), path, "PAE")
-    vfm = convert_released_dinov2(vfm_state, pae.vfm, path) if vfm_state else None
-    print0(f"{path}: the authors' released PAE (VFM {vfm_name}, decoder {name}"
-           f"{', with its VFM weights' if vfm else ''}) converted in memory")
-    return {"kind": "pae", "model": converted, "ema": None, "opt": None, "step": 0, "config": {},
-            "version": CKPT_VERSION, "pae_args": pae_args, "vfm": vfm, "released": True}
+def dit_preset(preset):
+    """'XL/1', 'B/2', ... (size/patch) -> (hidden, depth, heads, patch), or one sentence listing the valid names."""
+    size, _, patch = preset.partition("/")
+    if size not in DIT_PRESETS or patch not in ("1", "2"):
+        fail(f"unknown DiT model {preset!r}; use SIZE/PATCH with SIZE in {', '.join(DIT_PRESETS)} and PATCH 1 or 2 "
+             f"(e.g. XL/1)")
+    return (*DIT_PRESETS[size], int(patch))
+
+
+def build_dit(preset, in_channels=32, input_size=16, **overrides):
+    """preset: 'XL/1', 'B/2', ... (size/patch) -> LightningDiT. overrides: num_classes, qk_norm, grad_ckpt."""
+    dim, depth, heads, patch = dit_preset(preset)
+    return LightningDiT(in_channels, input_size, patch, dim, depth, heads, **overrides)
+
+
+def dit_from_checkpoint(path, device="cpu", use_ema=True):
+    """(LightningDiT in eval mode without gradients, its checkpoint) from a 'dit' checkpoint (ours, or the authors'
+    released file): the network rebuilt from its model_args, with the EMA weights (use_ema) or the raw ones."""
+    ckpt = load_checkpoint(path, "dit", _convert_released_dit)
+    if "model_args" not in ckpt:
+        fail(f"{path} has no model_args; it was not written by train_dit.py")
+    weights = ckpt["ema"] if use_ema else ckpt["model"]
+    if weights is None:
+        fail(f"{path} holds no {'EMA' if use_ema else 'raw'} weights; pass --use_ema {str(not use_ema).lower()}")
+    model = build_dit(**ckpt["model_args"])
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        fail(f"{path} does not match its model_args {ckpt['model_args']} ({str(e).splitlines()[0]})")
+    return model.to(device).eval().requires_grad_(False), ckpt
+
+
+RELEASED_DIT_RULES = [
+    (r"x_embedder\.proj\.(.+)", r"x_embed.\1"),
+    (r"pos_embed", "pos_embed"),
+    (r"t_embedder\.mlp\.([02])\.(.+)", r"t_embed.\1.\2"),
+    (r"y_embedder\.embedding_table\.weight", "y_embed.weight"),
+    (r"blocks\." + _BLOCK + r"(norm1|norm2)\.weight", r"blocks.\1.\2.weight"),
+    (r"blocks\." + _BLOCK + r"attn\.(qkv|proj|q_norm|k_norm)\.(.+)", r"blocks.\1.attn.\2.\3"),
+    (r"blocks\." + _BLOCK + r"mlp\.(w12|w3)\.(.+)", r"blocks.\1.ffn.\2.\3"),
+    (r"blocks\." + _BLOCK + r"adaLN_modulation\.1\.(.+)", r"blocks.\1.adaLN.1.\2"),
+    (r"final_layer\.norm_final\.weight", "final_norm.weight"),
+    (r"final_layer\.linear\.(.+)", r"final_linear.\1"),
+    (r"final_layer\.adaLN_modulation\.1\.(.+)", r"final_adaLN.1.\1"),
+    (r"feat_rope\.freqs_(cos|sin)", r"rope_\1"),  # fixed tables, checked against ours and not loaded
+]
 
 
 def _convert_released_dit(ckpt, path):
-    """The authors' LightningDiT {"model", "ema", "opt", "config"} -> our 'dit' checkpoint (model and EMA)."""
+    """The authors' LightningDiT {"model", "ema", "opt", "config"} -> our 'dit' checkpoint (model and EMA); None
+    for a file in no released format."""
+    if _release_format(ckpt, path, "dit") is None:
+        return None
     state = _strip_wrappers(ckpt["model"])
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     model_cfg = config.get("model", {})
@@ -860,6 +656,192 @@ def _convert_released_dit(ckpt, path):
             "model_args": model_args, "latent_multiplier": multiplier, "released": True}
 
 
+def build_vfm(name, pretrained=True, weights=None):
+    """The VFM preset `name` with its pretrained weights (timm / Hugging Face cache, or the local file `weights`);
+    pretrained=False leaves it random (e.g. on meta); "tiny" is a fixed random DINOv2-style ViT for CPU runs."""
+    import timm  # slow to import, and only the PAE needs it
+    if name not in VFM_PRESETS:
+        fail(f"unknown VFM {name!r}; valid names: {', '.join(VFM_PRESETS)}")
+    timm_name, input_size = VFM_PRESETS[name]
+    if name == "tiny":
+        with torch.random.fork_rng(devices=[]):  # fixed seed: the same random VFM in every process and run
+            torch.manual_seed(0)
+            net = timm.models.vision_transformer.VisionTransformer(  # the layout of timm's *_reg4_dinov2
+                img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=0, reg_tokens=4,
+                no_embed_class=True, init_values=1.0)
+            net.pos_embed.data.copy_(sincos_2d(64, 8)[None])  # fixed: its tokens carry position, as trained ones do
+        notice("VFM: tiny random DINOv2-style ViT (2 layers, width 64), no pretrained weights: CPU runs only")
+        return VFM(net, input_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    weights = weights if pretrained else None  # e.g. decode-only on another machine: no file needed
+    if weights and not os.path.isfile(weights):
+        fail(f"VFM weights file {weights} does not exist; pass the path of a {timm_name} weight file")
+    try:  # timm's own loading: Hugging Face cache, or the local file (resampling the position embedding)
+        net = timm.create_model(timm_name, pretrained=pretrained, img_size=input_size, num_classes=0,
+                                pretrained_cfg_overlay=dict(file=weights) if weights else None)
+    except Exception as e:
+        fail(f"could not load the pretrained weights of {timm_name} ({type(e).__name__}); fetch them once "
+             f"into the Hugging Face cache on a machine with network access (python -c \"import timm; "
+             f"timm.create_model('{timm_name}', pretrained=True)\") or pass a local file with --vfm_weights")
+    return VFM(net, input_size, net.pretrained_cfg["mean"], net.pretrained_cfg["std"])
+
+
+def build_pae(vfm="dinov2", decoder="L", pretrained=True, preset=None, vfm_weights=None, **overrides):
+    """PAE from presets. preset='tiny': tiny VFM, DAM and decoder for CPU. overrides: image_size (px,
+    default 16 per token; tiny 32), dam_depth. pretrained=False skips loading VFM weights (e.g. on meta)."""
+    if preset == "tiny":
+        vfm, decoder, overrides = "tiny", "tiny", {"image_size": 32, "dam_depth": 2, **overrides}
+    elif preset is not None:
+        fail(f"unknown PAE preset {preset!r}; valid presets: tiny (or none for the paper configuration)")
+    if decoder not in DECODER_PRESETS:
+        fail(f"unknown decoder {decoder!r}; valid names: {', '.join(DECODER_PRESETS)}")
+    vfm_net = build_vfm(vfm, pretrained, vfm_weights)
+    if overrides.get("image_size", vfm_net.grid) % vfm_net.grid:
+        fail(f"image_size {overrides['image_size']} must be a multiple of the VFM token grid {vfm_net.grid}")
+    pae = PAE(vfm_net, *DECODER_PRESETS[decoder], **overrides)
+    pae.pae_args = dict(vfm=vfm, decoder=decoder, vfm_weights=vfm_weights, **overrides)
+    return pae
+
+
+def pae_from_checkpoint(path, device="cpu", decode_only=False):
+    """PAE in eval mode from a 'pae' checkpoint (ours, or the authors' released file): architecture from its
+    pae_args, raw (non-EMA) weights as the released code extracts latents with. The VFM weights come from the
+    file when it carries them (a released file may), else from their pretrained source. decode_only=True skips
+    the VFM weights, which decoding never uses (sample.py); such a PAE must not encode."""
+    ckpt = load_checkpoint(path, "pae", _convert_released_pae)
+    if "pae_args" not in ckpt:
+        fail(f"checkpoint {path} has no 'pae_args' entry; it was not written by train_ae.py --stage ae")
+    vfm_state = None if decode_only else ckpt.get("vfm")
+    pae = build_pae(**ckpt["pae_args"], pretrained=not decode_only and vfm_state is None)
+    try:
+        pae.load_state_dict(ckpt["model"])
+        if vfm_state is not None:
+            pae.vfm.net.load_state_dict(vfm_state)
+    except RuntimeError as e:
+        fail(f"checkpoint {path} does not match its recorded architecture {ckpt['pae_args']} ({e})")
+    return pae.to(device).eval()
+
+
+RELEASED_PAE_RULES = [
+    (r"delta_encoder\.patch_embed\.proj\.(.+)", r"dam.patch_embed.\1"),
+    (r"delta_encoder\.pos_embed", "dam.pos_embed"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"self_attn\.qkv\.(.+)", r"dam.blocks.\1.self_attn.{q,k,v}.\2"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"(self|cross)_attn\.proj\.(.+)", r"dam.blocks.\1.\2_attn.proj.\3"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"cross_attn\.([qkv])_proj\.(.+)", r"dam.blocks.\1.cross_attn.\2.\3"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"(norm1|norm3)\.(.+)", r"dam.blocks.\1.\2.\3"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"norm2_q\.(.+)", r"dam.blocks.\1.norm2.\2"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"norm2_kv\.(.+)", r"dam.blocks.\1.norm_vfm.\2"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"mlp\.fc1\.(.+)", r"dam.blocks.\1.mlp.0.\2"),
+    (r"delta_encoder\.layers\." + _BLOCK + r"mlp\.fc2\.(.+)", r"dam.blocks.\1.mlp.2.\2"),
+    (r"delta_encoder\.fusion_proj\.(.+)", r"dam.sft.\1"),
+    (r"delta_encoder\.final_ln\.(.+)", r"dam.norm.\1"),
+    (r"latent_compressor\.0\.qkv\.(.+)", r"projector.attn.{q,k,v}.\1"),
+    (r"latent_compressor\.0\.proj\.(.+)", r"projector.attn.proj.\1"),
+    (r"latent_compressor\.1\.(.+)", r"projector.conv.\1"),
+    (r"latent_decompressor\.0\.(.+)", r"deprojector.conv.\1"),
+    (r"latent_decompressor\.1\.qkv\.(.+)", r"deprojector.attn.{q,k,v}.\1"),
+    (r"latent_decompressor\.1\.proj\.(.+)", r"deprojector.attn.proj.\1"),
+    (r"decoder\.decoder_embed\.(.+)", r"decoder.embed.\1"),
+    (r"decoder\.decoder_pos_embed", "decoder.pos_embed"),
+    (r"decoder\.trainable_cls_token", "decoder.cls_token"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"layernorm_before\.(.+)", r"decoder.blocks.\1.norm1.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.attention\.query\.(.+)", r"decoder.blocks.\1.attn.q.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.attention\.key\.(.+)", r"decoder.blocks.\1.attn.k.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.attention\.value\.(.+)", r"decoder.blocks.\1.attn.v.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.output\.dense\.(.+)", r"decoder.blocks.\1.attn.proj.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"layernorm_after\.(.+)", r"decoder.blocks.\1.norm2.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"intermediate\.dense\.(.+)", r"decoder.blocks.\1.mlp.0.\2"),
+    (r"decoder\.decoder_layers\." + _BLOCK + r"output\.dense\.(.+)", r"decoder.blocks.\1.mlp.2.\2"),
+    (r"decoder\.decoder_norm\.(.+)", r"decoder.norm.\1"),
+    (r"decoder\.decoder_pred\.(.+)", r"decoder.head.\1"),
+]
+RELEASED_DINOV2_RULES = [  # Hugging Face Dinov2WithRegistersModel (transformers 4 and 5 names) -> timm ViT
+    (r"embeddings\.patch_embeddings\.projection\.(.+)", r"patch_embed.proj.\1"),
+    (r"embeddings\.register_tokens", "reg_token"),
+    (r"encoder\.layer\." + _BLOCK + r"(norm1|norm2)\.(.+)", r"blocks.\1.\2.\3"),
+    (r"encoder\.layer\." + _BLOCK + r"attention\.(?:attention\.query|q_proj)\.(.+)", r"blocks.\1.attn.qkv.\2#q"),
+    (r"encoder\.layer\." + _BLOCK + r"attention\.(?:attention\.key|k_proj)\.(.+)", r"blocks.\1.attn.qkv.\2#k"),
+    (r"encoder\.layer\." + _BLOCK + r"attention\.(?:attention\.value|v_proj)\.(.+)", r"blocks.\1.attn.qkv.\2#v"),
+    (r"encoder\.layer\." + _BLOCK + r"attention\.(?:output\.dense|o_proj)\.(.+)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layer\." + _BLOCK + r"layer_scale([12])\.lambda1", r"blocks.\1.ls\2.gamma"),
+    (r"encoder\.layer\." + _BLOCK + r"mlp\.(fc1|fc2)\.(.+)", r"blocks.\1.mlp.\2.\3"),
+]
+
+
+def convert_released_dinov2(state, vfm, path="the released file"):
+    """Hugging Face Dinov2WithRegistersModel weights (transformers 4 or 5 key names) -> the state dict of our
+    timm VFM `vfm` (built, e.g. on meta), so both compute the same patch tokens. HF adds position row 0 to the
+    class token and resamples the 37x37 patch rows to the token grid at run time (bicubic, antialias, fp32); timm
+    holds patch rows only, computed here once the same way. The mask token is HF-only and unused."""
+    state = {k: v for k, v in state.items() if k != "embeddings.mask_token"}
+    table, cls = state.pop("embeddings.position_embeddings", None), state.pop("embeddings.cls_token", None)
+    if table is None or cls is None:
+        fail(f"{path}: the released DINOv2 weights lack the class token or the position table")
+    out, origin = _convert(state, RELEASED_DINOV2_RULES, path, "DINOv2")
+    g0, g = math.isqrt(table.shape[1] - 1), vfm.grid
+    grid = table[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False, antialias=True)
+    out["pos_embed"] = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(1, g * g, -1)
+    out["cls_token"] = cls + table[:, :1]
+    origin.update(pos_embed="embeddings.position_embeddings", cls_token="embeddings.cls_token")
+    _check_converted(out, origin, vfm.net.state_dict(), path, "DINOv2")
+    return out
+
+
+def _convert_released_pae(ckpt, path):
+    """The authors' PAE {"model": ...} -> our 'pae' checkpoint, or None for a file in no released format; DINOv2-L
+    is the released (and only verified) VFM."""
+    if _release_format(ckpt, path, "pae") is None:
+        return None
+    state = _strip_wrappers(ckpt["model"])
+    vfm_keys = {k for k in state if k.startswith("encoder.")}
+    prefix = "encoder.encoder." if any(k.startswith("encoder.encoder.embeddings.") for k in vfm_keys) else "encoder."
+    vfm_state = {k[len(prefix):]: state[k] for k in vfm_keys}
+    state = {k: v for k, v in state.items() if k not in vfm_keys}
+    needed = ("delta_encoder.pos_embed", "delta_encoder.patch_embed.proj.weight", "decoder.decoder_embed.weight",
+              "decoder.decoder_pred.weight", "latent_compressor.1.weight")
+    if any(k not in state for k in needed):
+        fail(f"{path} looks like a released PAE file but lacks {[k for k in needed if k not in state][:3]}; it "
+             f"was not saved with the DAM (use_delta_encoder) or is incomplete")
+    width, patch = state["delta_encoder.pos_embed"].shape[-1], state["delta_encoder.patch_embed.proj.weight"].shape[-1]
+    vfm_name = {(1024, 14): "dinov2", (64, 4): "tiny"}.get((width, patch))  # tiny: the CPU test miniature
+    if vfm_name is None:
+        fail(f"{path} is a released PAE on a VFM of width {width} and patch {patch}; only the DINOv2-L release "
+             f"(width 1024, patch 14) is verified to convert exactly")
+    layers = lambda p: 1 + max(int(k[len(p):].split(".")[0]) for k in state if k.startswith(p))  # noqa: E731
+    decoder = (state["decoder.decoder_embed.weight"].shape[0], layers("decoder.decoder_layers."),
+               state["decoder.decoder_layers.0.intermediate.dense.weight"].shape[0])
+    name = next((n for n, p in DECODER_PRESETS.items() if (p[0], p[1], p[3]) == decoder), None)
+    if name is None:
+        fail(f"{path}: the released decoder (width {decoder[0]}, {decoder[1]} layers, MLP {decoder[2]}) matches no "
+             f"decoder preset ({', '.join(DECODER_PRESETS)})")
+    grid = math.isqrt(state["delta_encoder.pos_embed"].shape[1])
+    dec_patch = math.isqrt(state["decoder.decoder_pred.weight"].shape[0] // 3)
+    pae_args = dict(vfm=vfm_name, decoder=name, vfm_weights=None, image_size=grid * dec_patch,
+                    dam_depth=layers("delta_encoder.layers."))
+    with torch.device("meta"):
+        pae = build_pae(**pae_args, pretrained=False)
+    converted, origin = _convert(state, RELEASED_PAE_RULES, path, "PAE")
+    _check_converted(converted, origin, pae.state_dict(), path, "PAE")
+    vfm = convert_released_dinov2(vfm_state, pae.vfm, path) if vfm_state else None
+    print0(f"{path}: the authors' released PAE (VFM {vfm_name}, decoder {name}"
+           f"{', with its VFM weights' if vfm else ''}) converted in memory")
+    return {"kind": "pae", "model": converted, "ema": None, "opt": None, "step": 0, "config": {},
+            "version": CKPT_VERSION, "pae_args": pae_args, "vfm": vfm, "released": True}
+
+
+def build_refiner(vfm_width, preset=None, depth=4):
+    """P_t and Q_t for VFM tokens of width vfm_width; preset='tiny' uses a 1-layer Q_t."""
+    return PriorRefiner(vfm_width, depth=1 if preset == "tiny" else depth)
+
+
+def refiner_from_checkpoint(path, device="cpu"):
+    """P_t / Q_t in eval mode without gradients from a 'refine' checkpoint (P_t then supplies fixed targets)."""
+    ckpt = load_checkpoint(path, "refine")
+    refiner = build_refiner(**ckpt["refiner_args"])
+    refiner.load_state_dict(ckpt["model"])
+    return refiner.to(device).requires_grad_(False).eval(), ckpt
+
+
 # -----------------------------------------------------------------------------
 # 6. shared plumbing: config parsing, dist setup/teardown, print0, checkpoints, FLOPs
 
@@ -878,6 +860,7 @@ def _parse_bool(text):
     return table[text.lower()]
 
 
+@functools.lru_cache(maxsize=None)
 def _field_comments(cls):
     """{field: the comment written beside it in the Config source}, the text of each flag's --help."""
     comments = {}
@@ -971,6 +954,23 @@ def read_latent_meta(path):
     if min(meta["std"]) <= 0:
         fail(f"{path}: a channel's std is {min(meta['std'])}, and normalising by it gives inf or NaN; {redo}")
     return meta
+
+
+def cache_ae(meta, ae_ckpt=""):
+    """(path, own) of the AE that decodes a latent cache: ae_ckpt when given, else the cache's own (meta.json's
+    ae_ckpt; path None when that file is gone). own: it is the AE the latents were encoded with (the SHA-256 in
+    meta.json, or the path for a cache without one). The cache's own AE, changed since the encode, is refused."""
+    path = ae_ckpt or meta.get("ae_ckpt") or ""
+    if not os.path.isfile(path):
+        if ae_ckpt:
+            fail(f"--ae_ckpt {ae_ckpt} does not exist")
+        return None, False
+    sha, named = meta.get("ae_sha256"), meta.get("ae_ckpt") or ""
+    own = file_digest(path) == sha if sha else not named or os.path.abspath(path) == os.path.abspath(named)
+    if not (own or ae_ckpt):
+        fail(f"{path} changed since the latents were encoded with it (its SHA-256 differs from meta.json's), so it "
+             f"would decode them wrongly; re-encode, restore it, or pass --ae_ckpt {path} to use it anyway")
+    return path, own
 
 
 def gpu_guard(device, heavy):
@@ -1236,9 +1236,9 @@ def save_checkpoint(path, kind, model, config, step, ema=None, opt=None, **extra
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
-def load_checkpoint(path, kind):
-    """Load a checkpoint of the expected kind, or stop with one sentence saying what is wrong. The authors'
-    released PAE and LightningDiT files are recognised and converted into the same schema."""
+def load_checkpoint(path, kind, convert_released=None):
+    """Load a checkpoint of the expected kind, or stop with one sentence saying what is wrong. convert_released(ckpt,
+    path): the loader's converter of the authors' released file of this kind (None when the file is not one)."""
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist; check the path")
     try:  # memory-mapped: ranks that need only part of a large file (e.g. no optimizer state) read only that;
@@ -1252,15 +1252,11 @@ def load_checkpoint(path, kind):
         fail(f"checkpoint {path} cannot be read safely ({type(e).__name__}); it is truncated, corrupt, not a "
              f"checkpoint, or pickles Python objects that a weights-only load refuses (for a file you trust, re-save "
              f"its tensors: torch.save({{'model': torch.load(PATH, weights_only=False)['model']}}, NEW))")
-    released = _release_format(ckpt) if isinstance(ckpt, dict) and "kind" not in ckpt else None
-    if released == "pae" and kind == "pae":
-        return _convert_released_pae(_strip_wrappers(ckpt["model"]), path)
-    if released == "dit" and kind == "dit":
-        return _convert_released_dit(ckpt, path)
-    if released:
-        fail(f"{path} is the authors' released {released.upper()} file, but a {kind!r} checkpoint is needed here")
+    converted = convert_released(ckpt, path) if convert_released else None
+    if converted is not None:
+        return converted
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
-        fail(f"{path} is not a PAE checkpoint (no 'kind' field) nor one of the authors' released files")
+        fail(f"{path} is not a checkpoint of this code (no 'kind' field) nor one of the authors' released files")
     if ckpt["kind"] != kind:
         fail(f"checkpoint {path} is a {ckpt['kind']!r} checkpoint, but a {kind!r} checkpoint is needed here")
     if kind in ("pae", "refine") and ckpt.get("version", 1) < 2:

@@ -35,9 +35,9 @@ import torch
 from torchvision.utils import save_image
 
 from losses import shift_time
-from model import (DEVICES, Dist, atomic_write, bench_modes, build_dit, build_pae, check_output, count_flops, fail,
-                   file_digest, format_duration, gpu_guard, load_checkpoint, lock_dir, pae_from_checkpoint,
-                   mixed_seed, parse_config, print0, progress, read_latent_meta, report, time_calls)
+from model import (DEVICES, Dist, atomic_write, bench_modes, build_dit, build_pae, cache_ae, check_output, count_flops,
+                   dit_from_checkpoint, fail, format_duration, gpu_guard, lock_dir, mixed_seed, pae_from_checkpoint,
+                   parse_config, print0, progress, read_latent_meta, report, time_calls)
 
 # -----------------------------------------------------------------------------
 # config
@@ -255,35 +255,35 @@ def latent_meta(ckpt, path, latent_stats=""):
 # --bench: the sampler at the paper's sizes on random weights
 
 
-def bench(cfg, d):
+def bench(cfg, process):
     """samples/s of one batch through the whole sampler (the DiT over the grid with interval CFG, then the bf16
     decoder) on random weights, compile off and on, and the projected time of 50,000 samples on 8 such GPUs."""
     tiny = cfg.preset == "tiny"
     torch.manual_seed(cfg.seed)
-    pae = prepare_decoder(build_pae(preset="tiny" if tiny else None, pretrained=False).to(d.device).eval(),
+    pae = prepare_decoder(build_pae(preset="tiny" if tiny else None, pretrained=False).to(process.device).eval(),
                           cfg.decode_precision)
     shape, num_classes = (32, pae.vfm.grid, pae.vfm.grid), 1000
-    raw = build_dit("tiny/1" if tiny else "XL/1", shape[0], shape[1], num_classes=num_classes).to(d.device).eval()
+    raw = build_dit("tiny/1" if tiny else "XL/1", shape[0], shape[1], num_classes=num_classes).to(process.device).eval()
     indices, labels = list(range(cfg.batch_size)), [i % num_classes for i in range(cfg.batch_size)]
     grid = shifted_grid(0.0, 1.0, cfg.num_steps, cfg.time_shift).tolist()[:-1] if cfg.sampler == "ode" else \
         [0.0] * cfg.num_steps  # the SDE never guides in the paper's protocol; its passes are counted alike
     passes = sum(2 if cfg.cfg_scale > 1 and t >= cfg.cfg_interval_start else 1 for t in grid)  # per sample
-    x, t, y = torch.zeros(1, *shape, device=d.device), torch.full((1,), 0.5, device=d.device), torch.zeros(
-        1, dtype=torch.long, device=d.device)
+    x, t, y = torch.zeros(1, *shape, device=process.device), torch.full((1,), 0.5, device=process.device), torch.zeros(
+        1, dtype=torch.long, device=process.device)
     flops = passes * count_flops(lambda: raw(x, t, y)) + count_flops(lambda: decode(pae, x, cfg.decode_precision))
     for compiled in bench_modes(cfg):
         model = torch.compile(raw) if compiled else raw
 
         def one_batch():
             with torch.no_grad():
-                latent = sample_latents(model, indices, labels, shape, cfg, num_classes, d.device)
+                latent = sample_latents(model, indices, labels, shape, cfg, num_classes, process.device)
                 return decode(pae, latent, cfg.decode_precision)
 
-        seconds = time_calls(one_batch, 1, d.device, warmup=1)
+        seconds = time_calls(one_batch, 1, process.device, warmup=1)
         rate = cfg.batch_size / seconds
         report(f"sample {'tiny/1' if tiny else 'XL/1'} + decoder, batch {cfg.batch_size}, {cfg.num_steps}-point "
                f"{cfg.sampler} grid, CFG {cfg.cfg_scale} from t = {cfg.cfg_interval_start}, DiT {cfg.dit_precision}",
-               rate, "sample", flops, d.device, compiled, f"{passes} DiT passes per sample, {flops / 1e12:.2f} TFLOP "
+               rate, "sample", flops, process.device, compiled, f"{passes} DiT passes per sample, {flops / 1e12:.2f} TFLOP "
                f"per sample | 50,000 samples on 8 such devices: {format_duration(50_000 / (8 * rate))}")
 
 
@@ -297,54 +297,40 @@ def main(argv=None):
         fail(f"--num_steps {cfg.num_steps} is too small; the time grid needs at least 2 points")
     if cfg.bench:
         gpu_guard(cfg.device, cfg.preset != "tiny" and "sampling LightningDiT-XL/1 with the decoder L")
-        d = Dist(cfg.device)
+        process = Dist(cfg.device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the release samples
-        bench(cfg, d)
-        return d.teardown()
+        bench(cfg, process)
+        return process.teardown()
     png = os.path.splitext(cfg.out)[0] + ".png"
     for path in (cfg.out, png):  # before anything is loaded: never over an input, never a finished result silently
         check_output(path, cfg.overwrite, inputs=(cfg.ckpt, cfg.ae_ckpt, cfg.latent_stats, cfg.fid_ref))
-    d = Dist(cfg.device)
+    process = Dist(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = True  # the release samples its fp32 DiT with TF32 matmuls
     torch.backends.cudnn.allow_tf32 = True
     print0(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     # --- model: DiT (EMA by default), latent statistics and the PAE decoder, all found through the checkpoint
-    ckpt = load_checkpoint(cfg.ckpt, "dit")
-    if "model_args" not in ckpt:
-        fail(f"{cfg.ckpt} has no model_args; it was not written by train_dit.py")
+    model, ckpt = dit_from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema)
     args = ckpt["model_args"]
     gpu_guard(cfg.device, not args["preset"].startswith("tiny/") and f"sampling LightningDiT-{args['preset']}")
-    weights = ckpt["ema"] if cfg.use_ema else ckpt["model"]
-    if weights is None:
-        fail(f"{cfg.ckpt} holds no EMA weights; pass --use_ema false to sample with the raw weights")
-    model = build_dit(**args)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        fail(f"{cfg.ckpt} does not match its model_args {args} ({str(e).splitlines()[0]})")
-    model = model.to(d.device).eval().requires_grad_(False)
-    if cfg.compile and d.device.type == "cuda":
+    model = model.to(process.device)
+    if cfg.compile and process.device.type == "cuda":
         model = torch.compile(model)
     meta = latent_meta(ckpt, cfg.ckpt, cfg.latent_stats)
-    ae_path = cfg.ae_ckpt or meta.get("ae_ckpt", "")
-    if not os.path.isfile(ae_path):
-        fail(f"AE checkpoint {ae_path!r} (from {'--ae_ckpt' if cfg.ae_ckpt else 'the latent meta.json'}) does not "
-             f"exist; pass --ae_ckpt PATH")
-    if meta.get("ae_sha256") and file_digest(ae_path) != meta["ae_sha256"]:  # the AE the latents were encoded with
-        if not cfg.ae_ckpt:
-            fail(f"{ae_path} changed since the DiT's latents were encoded with it (its SHA-256 differs), so it would "
-                 f"decode them wrongly; restore it, or pass --ae_ckpt {ae_path} to decode with it anyway")
-        print0(f"warning: decoding with --ae_ckpt {ae_path}, which is not the AE the DiT's latents were encoded with")
-    pae = prepare_decoder(pae_from_checkpoint(ae_path, d.device, decode_only=True), cfg.decode_precision)
+    ae_path, own = cache_ae(meta, cfg.ae_ckpt)
+    if ae_path is None:
+        fail(f"the AE {meta.get('ae_ckpt')!r} named in the latent meta.json does not exist; pass --ae_ckpt PATH")
+    pae = prepare_decoder(pae_from_checkpoint(ae_path, process.device, decode_only=True), cfg.decode_precision)
+    if not own:
+        print0(f"warning: decoding with --ae_ckpt {ae_path}, which is not the AE the cache was encoded with")
     channels, size, num_classes = args["in_channels"], args["input_size"], args["num_classes"]
     if pae.vfm.grid != size:
         fail(f"the AE {ae_path} decodes {pae.vfm.grid}x{pae.vfm.grid} latents but {cfg.ckpt} models {size}x{size}; "
              f"pass the matching --ae_ckpt")
     if len(meta["mean"]) != channels:
         fail(f"the latent statistics have {len(meta['mean'])} channels but {cfg.ckpt} models {channels}")
-    mean = torch.tensor(meta["mean"], device=d.device).view(1, -1, 1, 1)
-    std = torch.tensor(meta["std"], device=d.device).view(1, -1, 1, 1)
+    mean = torch.tensor(meta["mean"], device=process.device).view(1, -1, 1, 1)
+    std = torch.tensor(meta["std"], device=process.device).view(1, -1, 1, 1)
 
     # --- which samples: class-balanced, or per_label of each chosen class
     chosen = [int(c) for c in cfg.labels.split(",") if c.strip().isdigit()] if cfg.labels else []
@@ -371,26 +357,26 @@ def main(argv=None):
         with open(settings_path) as f:
             if json.load(f) != settings:
                 fail(f"{shard_dir} holds shards of a run with other settings; delete it or choose another --out")
-    d.barrier()
+    process.barrier()
 
     def claim():  # rank 0: the folder lock, then the settings of this run
         lock_dir(shard_dir)
         atomic_write(settings_path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
 
-    d.run0(claim)
+    process.run0(claim)
     todo = [s for s in range(num_shards) if not os.path.isfile(shard_path(s))]
-    d.barrier()  # every rank has listed the unfinished shards before any new one appears
+    process.barrier()  # every rank has listed the unfinished shards before any new one appears
     print0(f"{num_samples} samples in {num_shards} shards of {cfg.batch_size}; {num_shards - len(todo)} done "
-           f"already; {d.world_size} process(es)")
+           f"already; {process.world_size} process(es)")
 
     # --- loop: this rank's share of the unfinished shards, each written as soon as it is done
-    mine = todo[d.rank::d.world_size]
+    mine = todo[process.rank::process.world_size]
     t0 = time.time()
-    for s in progress(mine, d.master, "sampling", "shard"):
+    for s in progress(mine, process.master, "sampling", "shard"):
         indices = range(s * cfg.batch_size, min((s + 1) * cfg.batch_size, num_samples))
         labels = classes_of(indices, num_classes, chosen, cfg.per_label)
         with torch.no_grad():
-            latent = sample_latents(model, indices, labels, (channels, size, size), cfg, num_classes, d.device)
+            latent = sample_latents(model, indices, labels, (channels, size, size), cfg, num_classes, process.device)
             images = decode(pae, latent * std + mean, cfg.decode_precision)  # de-normalised per channel
         if not torch.isfinite(images).all():  # one sync per shard; black images would pass for results
             fail(f"the samples of shard {s} are NaN or inf; the DiT weights in {cfg.ckpt}, the AE {ae_path} or the "
@@ -399,10 +385,10 @@ def main(argv=None):
     elapsed = time.time() - t0
     done = sum(min((s + 1) * cfg.batch_size, num_samples) - s * cfg.batch_size for s in mine)
     print0(f"rank 0: {done} samples in {elapsed:.1f}s ({done / max(elapsed, 1e-9):.2f} samples/s per process)")
-    d.barrier()
+    process.barrier()
 
     # --- teardown: rank 0 merges the shards in index order into the .npz and the PNG grid
-    if d.master:
+    if process.master:
         shards = [dict(np.load(shard_path(s))) for s in range(num_shards)]
         images = np.concatenate([shard["arr_0"] for shard in shards])
         labels = np.concatenate([shard["labels"] for shard in shards])
@@ -411,8 +397,8 @@ def main(argv=None):
         atomic_write(png, lambda f: save_image(grid.float() / 255, f, format="png", nrow=cfg.per_label if chosen else 8))
         shutil.rmtree(shard_dir)
         print0(f"wrote {cfg.out} (arr_0 {images.shape} uint8, labels) and {os.path.splitext(cfg.out)[0]}.png")
-    d.teardown()
-    if d.master and cfg.fid_ref:
+    process.teardown()
+    if process.master and cfg.fid_ref:
         run_fid(cfg)
 
 

@@ -454,15 +454,15 @@ def test_structural_target_preserves_constants_and_follows_edges():
     images[..., 32:] = 1  # left half black, right half white: the edge lies between token columns 1 and 2
     constant = torch.randn(1, 1, W).expand(B, g * g, W)
     for mode in ("bilateral", "bilinear"):
-        torch.testing.assert_close(model.structural_target(images, constant, mode), constant, rtol=0, atol=1e-5)
+        torch.testing.assert_close(losses.structural_target(images, constant, mode), constant, rtol=0, atol=1e-5)
     side = torch.tensor([-1.0, -1, 1, 1]).repeat(g).view(1, g * g, 1).expand(B, -1, W)  # -1 left, +1 right
-    bilateral = model.structural_target(images, side, "bilateral", lowpass=0)
-    bilinear = model.structural_target(images, side, "bilinear", lowpass=0)
+    bilateral = losses.structural_target(images, side, "bilateral", lowpass=0)
+    bilinear = losses.structural_target(images, side, "bilinear", lowpass=0)
     assert (bilateral * side).min() > 0.999 and (bilinear * side).min() < 0.98  # the guide keeps the sides apart
-    assert (model.structural_target(images, side, "bilateral") * side).min() < (bilateral * side).min()  # blur
+    assert (losses.structural_target(images, side, "bilateral") * side).min() < (bilateral * side).min()  # blur
     line = torch.zeros(1, 3, 256, 256)
     line[..., 100] = 1  # a 1-px white line on black: every colour weight of its pixels underflows in fp32
-    assert torch.isfinite(model.structural_target(line, torch.randn(1, 256, W), "bilateral")).all()
+    assert torch.isfinite(losses.structural_target(line, torch.randn(1, 256, W), "bilateral")).all()
 
 
 def test_refiner_targets_and_loss():
@@ -700,14 +700,14 @@ def test_released_pae_converts_strictly_and_computes_the_released_dam(released_f
         change(broken)
         torch.save({"model": broken}, tmp_path / "broken.pt")
         with pytest.raises(SystemExit, match=message):
-            model.load_checkpoint(str(tmp_path / "broken.pt"), "pae")
+            model.pae_from_checkpoint(str(tmp_path / "broken.pt"))
     with pytest.raises(SystemExit, match="released DIT file, but a 'pae' checkpoint"):
-        model.load_checkpoint(str(root / "dit.pt"), "pae")
+        model.pae_from_checkpoint(str(root / "dit.pt"))
 
 
 def test_released_dit_converts_model_and_ema(released_files, tmp_path):
     root, _, dit = released_files
-    ckpt = model.load_checkpoint(str(root / "dit.pt"), "dit")
+    ckpt = model.load_checkpoint(str(root / "dit.pt"), "dit", model._convert_released_dit)
     assert ckpt["model_args"] == dict(preset="tiny/1", in_channels=32, input_size=8, num_classes=3, qk_norm=False)
     for which in ("model", "ema"):
         net = build_dit(**ckpt["model_args"])
@@ -717,15 +717,15 @@ def test_released_dit_converts_model_and_ema(released_files, tmp_path):
     assert not torch.equal(ckpt["model"]["pos_embed"], ckpt["ema"]["pos_embed"])
     qk = {"model": _released_tiny_dit(qk_norm=True), "ema": None, "config": {}}
     torch.save({"model": {f"_orig_mod.{k}": v for k, v in qk["model"].items()}, "ema": None}, tmp_path / "qk.pt")
-    assert model.load_checkpoint(str(tmp_path / "qk.pt"), "dit")["model_args"]["qk_norm"] is True
+    assert model.load_checkpoint(str(tmp_path / "qk.pt"), "dit", model._convert_released_dit)["model_args"]["qk_norm"] is True
     bad_rope = _released_tiny_dit()
     bad_rope["feat_rope.freqs_sin"] = bad_rope["feat_rope.freqs_sin"].flip(0)
     torch.save({"model": bad_rope, "ema": None}, tmp_path / "rope.pt")
     with pytest.raises(SystemExit, match="RoPE tables do not match"):
-        model.load_checkpoint(str(tmp_path / "rope.pt"), "dit")
+        model.load_checkpoint(str(tmp_path / "rope.pt"), "dit", model._convert_released_dit)
     torch.save({"model": dit["model"], "ema": None, "config": {"model": {"use_swiglu": False}}}, tmp_path / "mlp.pt")
     with pytest.raises(SystemExit, match="only the released PAE configuration"):
-        model.load_checkpoint(str(tmp_path / "mlp.pt"), "dit")
+        model.load_checkpoint(str(tmp_path / "mlp.pt"), "dit", model._convert_released_dit)
 
 
 def test_sample_py_on_released_files(released_files, tmp_path):
@@ -770,7 +770,7 @@ def test_hugging_face_dinov2_and_our_vfm_agree(size):
     renamed = {re.sub(r"attention\.(q|k|v)_proj", lambda m: "attention.attention." + dict(q="query", k="key",
                       v="value")[m.group(1)], k).replace("attention.o_proj", "attention.output.dense"): v
                for k, v in state.items()}  # the transformers-4 names the authors' files carry
-    vfm = model.VFM("tiny" if size == "tiny" else "dinov2", pretrained=False)
+    vfm = model.build_vfm("tiny" if size == "tiny" else "dinov2", pretrained=False)
     images = _images(2, px)
     pixels = F.interpolate(images, size=vfm.input_size, mode="bicubic", align_corners=False) if px != vfm.input_size \
         else images
@@ -1241,7 +1241,7 @@ def test_sample_errors(tmp_path):
     cases = [
         (dict(ckpt=str(tmp_path / "nope.pt")), "does not exist"),
         (dict(ckpt=str(tmp_path / "ae.pt")), "'dit' checkpoint is needed"),
-        (dict(ae_ckpt=str(tmp_path / "nope.pt")), "AE checkpoint"),
+        (dict(ae_ckpt=str(tmp_path / "nope.pt")), "--ae_ckpt .* does not exist"),
         (dict(num_samples=10), "not a positive multiple of the 3 classes"),
         (dict(labels="1,3"), "outside 0..2"),
         (dict(labels="1,x"), "outside 0..2"),
@@ -1646,7 +1646,7 @@ def test_sample_refuses_an_ae_changed_since_the_encode(tmp_path):
     with torch.no_grad():
         pae.decoder.head.bias.add_(0.5)  # a retrained tokenizer in the same place (--resume --max_steps ...)
     save_checkpoint(ae_path, "pae", pae, {"preset": "tiny"}, 0, pae_args=pae.pae_args)
-    with pytest.raises(SystemExit, match="changed since the DiT's latents were encoded.*--ae_ckpt"):
+    with pytest.raises(SystemExit, match="changed since the latents were encoded.*--ae_ckpt"):
         sample.main(_args(tmp_path, dit_path))
     sample.main(_args(tmp_path, dit_path, ae_ckpt=ae_path))  # named explicitly: decoded, with a warning
     assert (tmp_path / "samples.npz").is_file()
@@ -1848,7 +1848,7 @@ def test_train_dit_sample_grids_refuse_an_ae_changed_since_the_encode(tmp_path):
     with torch.no_grad():
         pae.decoder.head.bias.add_(0.5)
     save_checkpoint(ae_path, "pae", pae, {"preset": "tiny"}, 1, pae_args=pae.pae_args)  # retrained in place
-    with pytest.raises(SystemExit, match="changed since the latent cache was encoded.*--ae_ckpt"):
+    with pytest.raises(SystemExit, match="changed since the latents were encoded.*--ae_ckpt"):
         train_dit.main(_dit_args(tmp_path, cache, max_steps=2, sample_every=2))
     train_dit.main(_dit_args(tmp_path, cache, name="named", max_steps=2, sample_every=2, ae_ckpt=ae_path))
     assert (tmp_path / "named" / "samples_0000002.png").is_file()

@@ -536,7 +536,7 @@ def refine_step(cfg, d, vfm, refiner, opt):
     def refine_fn(images):
         with torch.no_grad():
             vfm_tokens = vfm(images)  # (B, N, W)
-            H_ref = M.structural_target(images, vfm_tokens, cfg.upsample, cfg.lowpass)
+            H_ref = losses.structural_target(images, vfm_tokens, cfg.upsample, cfg.lowpass)
         return losses.refine_loss(refiner, vfm_tokens, H_ref, cfg.gram_weight)
 
     refine_train = wrap(cfg, d, LossModule(refine_fn, refiner=refiner))
@@ -561,7 +561,7 @@ def refine_step(cfg, d, vfm, refiner, opt):
 def refine_stage(cfg, d, log):
     ckpt_path, final_path = os.path.join(cfg.out_dir, "ckpt_refine.pt"), os.path.join(cfg.out_dir, "refine.pt")
     torch.manual_seed(cfg.seed)
-    vfm = M.VFM("tiny" if cfg.preset == "tiny" else cfg.vfm, weights=cfg.vfm_weights or None).to(d.device)
+    vfm = M.build_vfm("tiny" if cfg.preset == "tiny" else cfg.vfm, weights=cfg.vfm_weights or None).to(d.device)
     probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=d.device)
     refiner = M.build_refiner(vfm(probe).shape[-1], preset="tiny" if cfg.preset == "tiny" else None).to(d.device)
     opt = make_optimizer(cfg, refiner.parameters(), d.device)
@@ -762,10 +762,7 @@ def ae_step(cfg, d, pae, refiner, lpips_net, disc, opt, disc_opt, ema=None):
 def ae_stage(cfg, d, log, refine_path):
     ckpt_path, final_path = os.path.join(cfg.out_dir, "ckpt_ae.pt"), os.path.join(cfg.out_dir, "ae.pt")
     tiny = cfg.preset == "tiny"
-    refine_ckpt = load_checkpoint(refine_path, "refine")
-    refiner = M.build_refiner(**refine_ckpt["refiner_args"])
-    refiner.load_state_dict(refine_ckpt["model"])
-    refiner = refiner.to(d.device).requires_grad_(False).eval()  # P_t supplies the SSR/SCR targets, frozen
+    refiner, refine_ckpt = M.refiner_from_checkpoint(refine_path, d.device)  # P_t supplies the SCR targets, frozen
     torch.manual_seed(cfg.seed)  # the same initial weights (and tiny random LPIPS) on every rank and every run
     lpips_net = make_lpips(cfg).to(d.device) if cfg.lpips_weight else None  # weight 0: L1 alone, MCR too
     pae = new_pae(cfg, d)

@@ -32,8 +32,8 @@ from torchvision.utils import save_image
 
 import sample
 from losses import flow_matching_loss, sample_timesteps
-from model import (DEVICES, Dist, Logger, autocast, batch_layout, build_dit, check_finite, count_flops, dit_preset,
-                   ema_update, fail, file_digest, format_duration, gpu_guard, load_checkpoint, lock_dir, make_optimizer,
+from model import (DEVICES, Dist, Logger, autocast, batch_layout, build_dit, cache_ae, check_finite, count_flops, dit_preset,
+                   ema_update, fail, format_duration, gpu_guard, load_checkpoint, lock_dir, make_optimizer,
                    bench_modes, pae_from_checkpoint, parse_config, peak_flops, read_latent_meta, report, save_checkpoint,
                    save_config, mixed_seed, time_calls)
 
@@ -315,23 +315,12 @@ def bench_input(cfg, d, steps=20, count=2048):
 
 
 def grid_ae(cfg, data, log):
-    """The AE that decodes the sample grids: --ae_ckpt, or the cache's own, refused if its file changed since the
-    encode (meta.json records its SHA-256); None (no grids) when that file is gone."""
-    if cfg.ae_ckpt:
-        if not os.path.isfile(cfg.ae_ckpt):
-            fail(f"--ae_ckpt {cfg.ae_ckpt} does not exist")
-        if os.path.abspath(cfg.ae_ckpt) != os.path.abspath(data.meta["ae_ckpt"]) or \
-                data.meta.get("ae_sha256") and file_digest(cfg.ae_ckpt) != data.meta["ae_sha256"]:
-            log(f"sample grids are decoded with --ae_ckpt {cfg.ae_ckpt}, not the AE the cache was encoded with")
-        return cfg.ae_ckpt
-    path = data.meta["ae_ckpt"]
-    if not os.path.isfile(path):
-        log(f"no sample grids: the AE {path!r} named in meta.json does not exist (pass --ae_ckpt)")
-        return None
-    if "ae_sha256" in data.meta and file_digest(path) != data.meta["ae_sha256"]:
-        fail(f"{path} changed since the latent cache was encoded (its SHA-256 differs from meta.json's), so it "
-             f"would decode these latents wrongly; re-encode, pass --ae_ckpt {path} to use it anyway, or "
-             f"--sample_every 0")
+    """The AE that decodes the sample grids (model.cache_ae): None (no grids) when the cache's own is gone."""
+    path, own = cache_ae(data.meta, cfg.ae_ckpt)
+    if path is None:
+        log(f"no sample grids: the AE {data.meta['ae_ckpt']!r} named in meta.json does not exist (pass --ae_ckpt)")
+    elif not own:
+        log(f"sample grids are decoded with --ae_ckpt {path}, which is not the AE the cache was encoded with")
     return path
 
 
