@@ -489,15 +489,15 @@ def check_source(path, what):
         check_images(npz_images(path, header_only=True), f"{what} {path}: arr_0")
 
 
-def bench(cfg, d, batches=4):
+def bench(cfg, process, batches=4):
     """img/s of Inception feature extraction (TF resize to 299, fp32, TF32 off) on random 256 px uint8 images."""
-    net = load_inception("random", d.device)
-    per_rank = cfg.batch_size // d.world_size
+    net = load_inception("random", process.device)
+    per_rank = cfg.batch_size // process.world_size
     images = torch.randint(0, 256, (batches * per_rank, 256, 256, 3), dtype=torch.uint8)
     with exact_fp32():
-        flops = count_flops(lambda: net(preprocess(images[:1], d.device)))
-    seconds = time_calls(lambda: inception_features(net, images, per_rank), 1, d.device, warmup=1)
-    report(f"fid.py Inception, batch {per_rank}", len(images) / seconds, "img", flops, d.device, False,
+        flops = count_flops(lambda: net(preprocess(images[:1], process.device)))
+    seconds = time_calls(lambda: inception_features(net, images, per_rank), 1, process.device, warmup=1)
+    report(f"fid.py Inception, batch {per_rank}", len(images) / seconds, "img", flops, process.device, False,
            f"{flops / 1e9:.1f} GFLOP/img; 50,000 samples take {50_000 / (len(images) / seconds):.0f} s here")
 
 
@@ -507,9 +507,9 @@ def main():
         argv = ["--samples", *argv]  # `python fid.py SAMPLES ...`
     cfg = parse_config(Config, argv, PRESETS)
     if cfg.bench:
-        d = Dist(cfg.device)
-        bench(cfg, d)
-        return d.teardown()
+        process = Dist(cfg.device)
+        bench(cfg, process)
+        return process.teardown()
     if not cfg.samples:
         fail("give the images to score: python fid.py SAMPLES [--ref REF] (see --help)")
     for path, what in ((cfg.samples, "SAMPLES"), (cfg.ref, "--ref")):  # before the weights load (or download)
@@ -517,24 +517,24 @@ def main():
             check_source(path, what)
     if cfg.save_stats:
         check_output(cfg.save_stats, cfg.overwrite, inputs=(cfg.samples, cfg.ref, cfg.weights))
-    ddp = Dist(cfg.device)
-    if cfg.batch_size % ddp.world_size:
-        fail(f"--batch_size {cfg.batch_size} is not divisible by the {ddp.world_size} ranks")
+    process = Dist(cfg.device)
+    if cfg.batch_size % process.world_size:
+        fail(f"--batch_size {cfg.batch_size} is not divisible by the {process.world_size} ranks")
     torch.backends.cudnn.benchmark = True  # fixed input shape: let cuDNN pick its fastest fp32 kernels
 
-    net = load_inception(cfg.weights or None, ddp.device)
-    stats = statistics(cfg.samples, net, cfg.batch_size // ddp.world_size)
-    if cfg.save_stats and ddp.master:
+    net = load_inception(cfg.weights or None, process.device)
+    stats = statistics(cfg.samples, net, cfg.batch_size // process.world_size)
+    if cfg.save_stats and process.master:
         atomic_write(cfg.save_stats, lambda f: np.savez(f, **stats))
         print0(f"wrote {cfg.save_stats}")
-    metrics = compute_metrics(stats, cfg.ref or None, net, cfg.batch_size // ddp.world_size)
+    metrics = compute_metrics(stats, cfg.ref or None, net, cfg.batch_size // process.world_size)
 
     names = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall", "n": "images"}
     for key, name in names.items():
         value = metrics[key]
         print0(f"{name:<10} {'-' if value is None else value if key == 'n' else f'{value:.4f}'}")
     print0(json.dumps(metrics))
-    ddp.teardown()
+    process.teardown()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Sections (each marked with a banner):
 import math
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -321,11 +322,15 @@ def ssim(x, y, window=11, sigma=1.5):
 
 
 @torch.no_grad()
-def gsq(latents, labels):
-    """Global semantic quality (higher is better): pooled, centred, L2-normalised latents; fraction whose
-    leave-one-out cosine nearest neighbour has the same label. latents (M, C, H, W), labels (M,)."""
-    pooled = latents.float().mean((2, 3))
-    pooled = F.normalize(pooled - pooled.mean(0), dim=1)
-    sim = pooled @ pooled.T
-    sim.fill_diagonal_(-math.inf)
-    return (labels[sim.argmax(1)] == labels).float().mean().item()
+def gsq(pooled, labels, classes_per_draw=100, draws=5, seed=0):
+    """Global semantic quality (higher is better) of pooled latents (M, C) with labels (M,): centred, L2-normalised,
+    the fraction whose leave-one-out cosine nearest neighbour has the same label. The paper's protocol: `draws`
+    draws of classes_per_draw random classes when there are more classes, else all of them once. -> (mean, std)."""
+    classes, rng, scores = labels.unique(), np.random.default_rng(seed), []
+    for _ in range(draws if len(classes) > classes_per_draw else 1):
+        keep = torch.isin(labels, classes[torch.from_numpy(rng.permutation(len(classes))[:classes_per_draw])])
+        x = F.normalize(pooled[keep].float() - pooled[keep].float().mean(0), dim=1)
+        sim = x @ x.T
+        sim.fill_diagonal_(-math.inf)
+        scores.append((labels[keep][sim.argmax(1)] == labels[keep]).float().mean().item())
+    return float(np.mean(scores)), float(np.std(scores))

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -177,19 +178,19 @@ class LightningDiT(nn.Module):
     def forward(self, x, t, y):
         """x: (B, C, H, W) latents, t: (B,) flow time in [0, 1] (1 = data), y: (B,) labels (num_classes = null)."""
         B, C, H, W = x.shape
-        h = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
+        h = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D), N = (H/p)*(W/p)
         c = self.t_embed(timestep_embedding(t).to(x.dtype)) + self.y_embed(y)  # (B, D)
-        rope = (self.rope_cos, self.rope_sin)
+        rope = (self.rope_cos, self.rope_sin)  # (N, D/heads) each
         for block in self.blocks:
             if self.grad_ckpt and self.training:
-                h = activation_checkpoint(block, h, c, rope, use_reentrant=False)
+                h = activation_checkpoint(block, h, c, rope, use_reentrant=False)  # (B, N, D)
             else:
-                h = block(h, c, rope)
-        shift, scale = self.final_adaLN(c).unsqueeze(1).chunk(2, dim=-1)
+                h = block(h, c, rope)  # (B, N, D)
+        shift, scale = self.final_adaLN(c).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
         h = self.final_linear(self.final_norm(h) * (1 + scale) + shift)  # (B, N, p*p*C)
         p, g = self.patch, self.grid
-        h = h.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(B, C, g * p, g * p)
+        h = h.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
+        return h.reshape(B, C, g * p, g * p)  # (B, C, H, W)
 
 
 # -----------------------------------------------------------------------------
@@ -408,19 +409,22 @@ class PAE(nn.Module):
 
     def encode(self, images01, vfm_tokens=None):
         """images01 (B, 3, H, W) in [0, 1] -> latent (B, 32, g, g); pass vfm_tokens if already computed."""
-        vfm_tokens = self.vfm(images01) if vfm_tokens is None else vfm_tokens
-        return self.projector(self.dam(self.vfm.preprocess(images01), vfm_tokens))
+        vfm_tokens = self.vfm(images01) if vfm_tokens is None else vfm_tokens  # (B, N, W), N = g*g
+        h_z = self.dam(self.vfm.preprocess(images01), vfm_tokens)  # (B, N, W)
+        return self.projector(h_z)  # (B, 32, g, g), every token on the sqrt(32) sphere
 
     def decode(self, latent):
         """latent (B, 32, g, g) -> images (B, 3, image_size, image_size) in [0, 1] (not clamped)."""
-        return self.decoder(self.deprojector(latent)) * self.vfm.std + self.vfm.mean
+        tokens = self.deprojector(latent)  # (B, N, W)
+        return self.decoder(tokens) * self.vfm.std + self.vfm.mean  # (B, 3, S, S), S = image_size
 
     def forward(self, images01, thetas_deg=()):
         """One training pass (one DDP call): the clean decoding and, for MCR, the decodings of the latent rotated
         by each theta along one shared direction, all in one decoder batch."""
-        vfm_tokens = self.vfm(images01)
-        latent = self.encode(images01, vfm_tokens)
-        decoded = self.decode(torch.cat([latent, *mcr_rotate(latent, thetas_deg)])).chunk(1 + len(thetas_deg))
+        vfm_tokens = self.vfm(images01)  # (B, N, W)
+        latent = self.encode(images01, vfm_tokens)  # (B, 32, g, g)
+        latents = torch.cat([latent, *mcr_rotate(latent, thetas_deg)])  # (B * (1 + len(thetas)), 32, g, g)
+        decoded = self.decode(latents).chunk(1 + len(thetas_deg))  # 1 + len(thetas) x (B, 3, S, S)
         return {"vfm_tokens": vfm_tokens, "latent": latent, "recon": decoded[0], "rotated": list(decoded[1:])}
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
@@ -1057,10 +1061,133 @@ def make_optimizer(cfg, params, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=device.type == "cuda")
 
 
+# the run kit of the three training loops (refine, ae, DiT): resume-or-refuse, compile + DDP, the interval log line
+# with its non-finite guard and checkpoints, FLOPs
+
+
+def check_resume(cfg, path, results=(), required=False):
+    """Resume-or-refuse, before anything is written: True when this run continues from the checkpoint `path`. A
+    checkpoint or finished result (`results`) already there is refused without --resume or --overwrite, so a finished
+    or running run is never replaced by accident; required: --resume without a checkpoint is refused too."""
+    if cfg.resume and required and not os.path.isfile(path):
+        fail(f"--resume was given but {path} does not exist; drop --resume to start a new run")
+    found = [p for p in (path, *results) if os.path.isfile(p)]
+    if found and not (cfg.resume or cfg.overwrite):
+        fail(f"{found[0]} already exists; pass --resume to continue that run, --overwrite to start a new one in its "
+             f"place, or choose another --out_dir")
+    return bool(cfg.resume) and os.path.isfile(path)
+
+
+def resume_step(cfg, path, kind, states, arch, log):
+    """The step to start from: 0 for a fresh start, else that of the checkpoint `path` (with --resume, when it
+    exists), with `states` ({checkpoint key: module or optimizer}) loaded from it. arch ({checkpoint key: value}): how
+    this run builds its model, which must be how the checkpoint's was built."""
+    if not (cfg.resume and os.path.isfile(path)):
+        if cfg.resume:
+            log(f"--resume: {path} does not exist yet, so this run starts from step 0")
+        return 0
+    ckpt = load_checkpoint(path, kind)
+    for key, value in arch.items():
+        if ckpt.get(key) != value:
+            fail(f"{path} was trained with {key} {ckpt.get(key)}, but this run has {value}; use the same model flags "
+                 f"and data, or another --out_dir")
+    for key, state in states.items():
+        state.load_state_dict(ckpt[key])
+    log(f"resuming from {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+def wrap(cfg, process, module):
+    """torch.compile (--compile), then DDP when there are several processes. The caller keeps the raw module for
+    saving, the EMA and sampling."""
+    if cfg.compile:
+        module = torch.compile(module)
+    if process.world_size > 1:
+        module = DDP(module, device_ids=[process.local_rank] if process.device.type == "cuda" else None)
+    return module
+
+
+def grad_sync(module, sync):
+    """DDP all-reduces the gradients only on the last micro-batch of a step (sync), never on the others."""
+    return module.no_sync() if isinstance(module, DDP) and not sync else nullcontext()
+
+
+class IntervalLog:
+    """The log line of a training loop and its non-finite guard. Named loss parts are summed on the device every
+    step; one all-reduce and one .item() per line, which reports their interval means over all ranks, lr, img/s (the
+    first step, compilation and warm-up, excluded), MFU, peak memory and ETA. A NaN or inf in a logged part, or in
+    the parts since the last line when a checkpoint is due, stops the run before anything more is written."""
+
+    def __init__(self, cfg, process, log, name, total_steps, flops_per_image, causes, saved_step=None):
+        self.cfg, self.process, self.log, self.name, self.total = cfg, process, log, name, total_steps
+        self.flops, self.peak = flops_per_image, peak_flops(process.device)
+        self.causes, self.saved_step = causes, saved_step
+        self.sums, self.n, self.skipped, self.t0, self.step0 = {}, 0, 0, None, None
+
+    def add(self, step, parts, skipped=0):
+        for key, value in parts.items():
+            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+        self.n += 1
+        self.skipped += skipped
+        if self.t0 is None:  # the first step (compilation, allocator warm-up) is not timed
+            if self.process.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.t0, self.step0 = time.perf_counter(), step
+
+    def emit(self, step, lr, extra=""):
+        keys, world, device = list(self.sums), self.process.world_size, self.process.device
+        stats = [self.sums[k] / self.n for k in keys] + [torch.tensor(float(self.skipped * world), device=device)]
+        stats = self.process.all_reduce_mean(torch.stack(stats)).tolist()  # interval means; skipped: the sum
+        elapsed = time.perf_counter() - self.t0
+        img_s = (step - self.step0) * self.cfg.batch_size / elapsed if step > self.step0 else float("nan")
+        mfu = f"{100 * img_s * self.flops / (self.peak * world):.1f}%" if self.peak and img_s == img_s else "-"
+        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB" if device.type == "cuda" else "-"
+        eta = format_duration((self.total - step) * self.cfg.batch_size / img_s) if img_s == img_s else "-"
+        parts, skipped = " | ".join(f"{k} {v:.4f}" for k, v in zip(keys, stats)), round(stats[-1])
+        self.log(f"{self.name} step {step}/{self.total} | {parts} | lr {lr:.2e} | {img_s:.1f} img/s | MFU {mfu} | "
+                 f"mem {mem} | ETA {eta}" + (f" | {extra}" if extra else "")
+                 + (f" | {skipped} unreadable images skipped" if skipped else ""))
+        check_finite(step, dict(zip(keys, stats)), self.causes, self.saved_step)
+        self.sums, self.n, self.skipped = {}, 0, 0
+
+    def checkpoint(self, step, write):
+        """The guard over the steps since the last line (one sync), then write() on rank 0."""
+        if self.n:
+            keys = list(self.sums)
+            stats = self.process.all_reduce_mean(torch.stack([self.sums[k] for k in keys])).tolist()
+            check_finite(step, dict(zip(keys, stats)), self.causes, self.saved_step)
+        self.process.run0(write)
+        self.saved_step = step
+
+
 def mixed_seed(*keys):
-    """A 32-bit seed mixed from integer keys by a SeedSequence (torch's CPU generator keeps only 32 bits of a seed,
-    so the keys are mixed rather than packed into one number)."""
+    """The one seed function: a 32-bit seed mixed from integer keys (seed, step, stream, ...) by a SeedSequence
+    (torch's CPU generator keeps only 32 bits of a seed, so keys are mixed rather than packed into one number)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(count, seed, epoch):
+    return np.random.default_rng((seed, epoch)).permutation(count)
+
+
+def batch_indices(step, batch_size, count, seed, drop_tail=False):
+    """Global sample indices of a step's batch: a pure function of the step, so a resumed run needs no data state and
+    any world size sees the same batches. Epoch e is a permutation seeded by (seed, e). drop_tail: whole batches
+    within each epoch, its last count % batch_size samples skipped (train_ae); else the positions run on across
+    epochs (train_dit)."""
+    if drop_tail:
+        epoch, s = divmod(step, count // batch_size)
+        return _epoch_order(count, seed, epoch)[s * batch_size:(s + 1) * batch_size]
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = positions // count
+    return np.concatenate([_epoch_order(count, seed, int(e))[positions[epochs == e] % count] for e in np.unique(epochs)])
+
+
+def step_flips(seed, step, batch_size):
+    """Horizontal flips (bool tensor (batch_size,)) of a step's global batch, from a CPU generator of their own
+    (stream 0 of (seed, step)): the same for any world size and after a resume."""
+    return torch.rand(batch_size, generator=torch.Generator().manual_seed(mixed_seed(seed, step, 0))) < 0.5
 
 
 def progress(iterable, show=True, desc="", unit="it"):
@@ -1322,9 +1449,10 @@ def bench_modes(cfg):
 
 
 def count_flops(fn):
-    """FLOPs of one call of fn() (forward + backward if fn does both), by torch's FlopCounterMode."""
+    """FLOPs of one call of fn() (forward + backward if fn does both), by torch's FlopCounterMode, counted once at
+    start-up; the global RNG is left as it was, so counting changes no result."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 

@@ -35,14 +35,14 @@ import torch
 import torchvision
 from numpy.lib.format import open_memmap
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
 import losses
 import model as M
-from model import (Dist, Logger, autocast, batch_layout, bench_modes, check_finite, check_output, count_flops,
-                   ema_update, fail, format_duration, gpu_guard, load_checkpoint, lock_dir, make_optimizer, parse_config,
-                   peak_flops, progress, report, save_checkpoint, save_config, time_calls)
+from model import (Dist, IntervalLog, Logger, autocast, batch_indices, batch_layout, bench_modes, check_output,
+                   check_resume, count_flops, ema_update, fail, format_duration, gpu_guard, grad_sync, lock_dir,
+                   make_optimizer, mixed_seed, parse_config, progress, report, resume_step, save_checkpoint,
+                   save_config, step_flips, time_calls, wrap)
 
 # -----------------------------------------------------------------------------
 # config
@@ -194,7 +194,7 @@ class SyntheticImages(torch.utils.data.Dataset):
         colours = self.kind == "colours"
         shape = SHAPES[label % len(SHAPES)] if colours else SHAPES[label // len(TEXTURES)]
         texture = "solid" if colours else TEXTURES[label % len(TEXTURES)]
-        g = torch.Generator().manual_seed(M.mixed_seed(self.seed, index))
+        g = torch.Generator().manual_seed(mixed_seed(self.seed, index))
         rand = lambda *n: torch.rand(*n, generator=g)  # noqa: E731
         S = self.size
         y, x = torch.meshgrid((torch.arange(S) + 0.5) / S, (torch.arange(S) + 0.5) / S, indexing="ij")
@@ -257,35 +257,29 @@ def make_dataset(cfg, held_out=False):
 
 
 class StepSampler(torch.utils.data.Sampler):
-    """This rank's indices of every global batch from `start_step` on, forever. Epoch e is a permutation
-    seeded by (seed, e); step s takes the global batch perm[s*B:(s+1)*B] (whole batches only) and rank r
-    its slice [r*b:(r+1)*b]. The data of a step is thus the same for any world size and after a resume."""
+    """This rank's indices of every global batch from `start_step` on, forever: rank r takes the slice [r*b:(r+1)*b]
+    of model.batch_indices (whole batches within each epoch), so the data of a step is the same for any world size
+    and after a resume."""
 
     def __init__(self, count, batch_size, rank, world_size, seed, start_step=0):
         if count < batch_size:
             fail(f"the dataset holds {count} images, fewer than one global batch of {batch_size}; "
                  f"lower --batch_size")
         self.count, self.batch_size, self.seed, self.start_step = count, batch_size, seed, start_step
-        self.per_rank = batch_size // world_size
-        self.mine = slice(rank * self.per_rank, (rank + 1) * self.per_rank)
+        per_rank = batch_size // world_size
+        self.mine = slice(rank * per_rank, (rank + 1) * per_rank)
 
     def __iter__(self):
-        steps_per_epoch = self.count // self.batch_size
-        step, perm_epoch, perm = self.start_step, None, None
+        step = self.start_step
         while True:
-            epoch, s = divmod(step, steps_per_epoch)
-            if epoch != perm_epoch:
-                perm_epoch = epoch
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                perm = torch.randperm(self.count, generator=g)
-            yield from perm[s * self.batch_size:(s + 1) * self.batch_size][self.mine].tolist()
+            yield from batch_indices(step, self.batch_size, self.count, self.seed, drop_tail=True)[self.mine].tolist()
             step += 1
 
 
-def shard_loader(cfg, d, dataset, lo, hi, batch):
+def shard_loader(cfg, process, dataset, lo, hi, batch):
     """Images lo..hi-1 of the dataset in order (encode and eval), `batch` at a time."""
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch,
-                                       num_workers=cfg.num_workers, pin_memory=d.device.type == "cuda")
+                                       num_workers=cfg.num_workers, pin_memory=process.device.type == "cuda")
 
 
 def to_images01(batch, device):
@@ -297,7 +291,7 @@ def to_images01(batch, device):
 
 
 @torch.no_grad()
-def encode_stage(cfg, d, log, ae_path):
+def encode_stage(cfg, process, log, ae_path):
     """All ranks fill their index ranges of the memmaps in place. A complete cache is replaced only with
     --overwrite, and then the new one is written beside it (LATENTS.new) and swapped in once complete, so a crash
     leaves the old cache intact. meta.json, written last, marks a cache complete."""
@@ -308,38 +302,38 @@ def encode_stage(cfg, d, log, ae_path):
             os.replace(final + ".old", final)
             log(f"encode: restored {final} from {final}.old, left by an interrupted --overwrite")
 
-    d.run0(restore)
+    process.run0(restore)
     replacing = os.path.isfile(os.path.join(final, "meta.json"))
     if replacing and not cfg.overwrite:
         fail(f"{final} holds a complete latent cache; pass --overwrite to replace it or choose another --latents")
     target = final + ".new" if replacing else final
     meta_path = os.path.join(target, "meta.json")
-    ae_digest = M.file_digest(ae_path) if d.master else None  # the AE as loaded now, recorded in meta.json
-    pae = M.pae_from_checkpoint(ae_path, device=d.device)
+    ae_digest = M.file_digest(ae_path) if process.master else None  # the AE as loaded now, recorded in meta.json
+    pae = M.pae_from_checkpoint(ae_path, device=process.device)
     cfg.image_size = pae.image_size  # images are cropped to the size the tokenizer was trained at
     dataset = make_dataset(cfg)
     count = len(dataset)
     num_classes = dataset.num_classes
-    C, H, W = pae.encode(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=d.device)).shape[1:]
+    C, H, W = pae.encode(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=process.device)).shape[1:]
     latents_path, labels_path = os.path.join(target, "latents.npy"), os.path.join(target, "labels.npy")
-    if d.master:  # rank 0 lays out the files; every rank then fills its own index range in place
+    if process.master:  # rank 0 lays out the files; every rank then fills its own index range in place
         os.makedirs(target, exist_ok=True)
         if os.path.exists(meta_path):
             os.remove(meta_path)  # from here on the directory is an incomplete cache
         # float16, not the release's bf16: 3 more mantissa bits, and latents on the sqrt(32) sphere fit easily
         open_memmap(latents_path, mode="w+", dtype=np.float16, shape=(count, 2, C, H, W)).flush()
         open_memmap(labels_path, mode="w+", dtype=np.int64, shape=(count,)).flush()
-    d.barrier()
+    process.barrier()
     latents, labels = open_memmap(latents_path, mode="r+"), open_memmap(labels_path, mode="r+")
-    lo, hi = d.rank * count // d.world_size, (d.rank + 1) * count // d.world_size
-    batch = cfg.micro_batch_size or max(1, cfg.batch_size // d.world_size)
+    lo, hi = process.rank * count // process.world_size, (process.rank + 1) * count // process.world_size
+    batch = cfg.micro_batch_size or max(1, cfg.batch_size // process.world_size)
     log(f"encode: {count} images of {dataset.name} and their flips with {ae_path} -> {target} "
-        f"(latents {C}x{H}x{W}, {num_classes} classes, {d.world_size} ranks x batch {batch})")
-    counts = torch.zeros(2, device=d.device)  # images skipped as unreadable, latent values not finite
+        f"(latents {C}x{H}x{W}, {num_classes} classes, {process.world_size} ranks x batch {batch})")
+    counts = torch.zeros(2, device=process.device)  # images skipped as unreadable, latent values not finite
     start, i = time.perf_counter(), lo
-    for images, y, skips in progress(shard_loader(cfg, d, dataset, lo, hi, batch), d.master, "encode", "batch"):
-        x = to_images01(images, d.device)
-        with autocast(d.device):  # fp32 weights under a bf16 autocast (the release casts the weights to bf16)
+    for images, y, skips in progress(shard_loader(cfg, process, dataset, lo, hi, batch), process.master, "encode", "batch"):
+        x = to_images01(images, process.device)
+        with autocast(process.device):  # fp32 weights under a bf16 autocast (the release casts the weights to bf16)
             pair = torch.stack([pae.encode(x), pae.encode(x.flip(-1))], dim=1)  # (B, 2, C, H, W)
         pair = pair.half()
         counts += torch.stack([skips.sum().to(counts), (~torch.isfinite(pair)).sum().to(counts)])
@@ -348,8 +342,8 @@ def encode_stage(cfg, d, log, ae_path):
         i += len(x)
     latents.flush(), labels.flush()
     del latents, labels
-    skipped, not_finite = (int(round(v)) for v in (d.all_reduce_mean(counts) * d.world_size).tolist())
-    d.barrier()
+    skipped, not_finite = (int(round(v)) for v in (process.all_reduce_mean(counts) * process.world_size).tolist())
+    process.barrier()
     seconds = time.perf_counter() - start
     incomplete = f"{target} is left without meta.json, i.e. incomplete" + (f"; {final} is unchanged" if replacing
                                                                              else "")
@@ -374,7 +368,7 @@ def encode_stage(cfg, d, log, ae_path):
             os.replace(target, final)
             shutil.rmtree(final + ".old")
 
-    d.run0(complete)
+    process.run0(complete)
     log(f"encode: done, {count} images in {format_duration(seconds)} ({count / seconds:.1f} img/s, each encoded "
         f"twice: image and flip) -> {final}" + (f"; {skipped} unreadable images replaced by the next readable one"
                                                  if skipped else ""))
@@ -396,141 +390,52 @@ class LossModule(torch.nn.Module):
         return self.fn(*args)
 
 
-def wrap(cfg, d, module):
-    """The raw module is kept for saving and EMA; compile (on a GPU, or in --bench to count graph breaks), then DDP."""
-    if cfg.compile and (d.device.type == "cuda" or cfg.bench):
-        module = torch.compile(module)
-    if d.world_size > 1:
-        module = DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    return module
-
-
 def get_lr(cfg, step, total_steps):
     """Linear warm-up over the first `warmup` fraction of the steps, then cosine down to lr * min_lr_ratio."""
     warmup = max(1, round(cfg.warmup * total_steps))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    done = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
-def micro_batches(cfg, d, loader, step):
+def micro_batches(cfg, process, loader, step):
     """This rank's micro-batches of a step as (images01, seed): images h-flipped with a coin per global sample
     drawn from (seed, step), and a torch seed per global micro-batch for the loss's own randomness (MCR
     directions), so nothing depends on the world size as long as the micro-batch size is the same."""
-    per_rank, micro, accum = batch_layout(cfg, d)
-    flips = torch.rand(cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)) < 0.5
+    per_rank, micro, accum = batch_layout(cfg, process)
+    flips = step_flips(cfg.seed, step, cfg.batch_size)
     out, skipped = [], 0
     for k in range(accum):
         images, _, skips = next(loader)
-        first = d.rank * per_rank + k * micro  # global position of this micro-batch in the step's batch
-        images = to_images01(images, d.device)  # the loader's pinned batch, copied without blocking, then flipped
-        flip = flips[first:first + micro].to(d.device, non_blocking=True).view(-1, 1, 1, 1)
-        out.append((torch.where(flip, images.flip(-1), images), (cfg.seed * 1_000_003 + step) * 4099 + first // micro))
+        first = process.rank * per_rank + k * micro  # global position of this micro-batch in the step's batch
+        images = to_images01(images, process.device)  # the loader's pinned batch, copied without blocking, then flipped
+        flip = flips[first:first + micro].to(process.device, non_blocking=True).view(-1, 1, 1, 1)
+        out.append((torch.where(flip, images.flip(-1), images), mixed_seed(cfg.seed, step, 1, first // micro)))
         skipped += int(skips.sum())
     return out, skipped
 
 
-def train_loader(cfg, d, dataset, start_step):
-    _, micro, _ = batch_layout(cfg, d)
-    sampler = StepSampler(len(dataset), cfg.batch_size, d.rank, d.world_size, cfg.seed, start_step)
+def train_loader(cfg, process, dataset, start_step):
+    _, micro, _ = batch_layout(cfg, process)
+    sampler = StepSampler(len(dataset), cfg.batch_size, process.rank, process.world_size, cfg.seed, start_step)
     return iter(torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=cfg.num_workers,
-                                            pin_memory=d.device.type == "cuda", persistent_workers=cfg.num_workers > 0))
+                                            pin_memory=process.device.type == "cuda", persistent_workers=cfg.num_workers > 0))
 
 
-class IntervalLog:
-    """Named loss parts summed on the device each step; one all-reduce and one .item() per log line, which
-    reports the interval mean over all ranks, lr, img/s (warm-up step excluded), MFU, memory and ETA. It is also
-    the non-finite guard: a NaN or inf in a logged part, or in the parts since the last line when a checkpoint is
-    due (check), stops the run before the checkpoint is written."""
-
-    def __init__(self, cfg, d, log, name, total_steps, flops_per_image, causes, saved_step=None):
-        self.cfg, self.d, self.log, self.name, self.total = cfg, d, log, name, total_steps
-        self.flops, self.peak = flops_per_image, peak_flops(d.device)
-        self.causes, self.saved_step = causes, saved_step
-        self.sums, self.n, self.skipped, self.t0, self.step0 = {}, 0, 0, None, None
-
-    def add(self, step, parts, skipped):
-        for key, value in parts.items():
-            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
-        self.n += 1
-        self.skipped += skipped
-        if self.t0 is None:  # the first step (compilation, allocator warm-up) is not timed
-            if self.d.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.t0, self.step0 = time.perf_counter(), step
-
-    def check(self, step):
-        """Before a checkpoint: the guard over the steps since the last log line (one sync)."""
-        if self.n:
-            keys = list(self.sums)
-            stats = self.d.all_reduce_mean(torch.stack([self.sums[k] for k in keys])).tolist()
-            check_finite(step, dict(zip(keys, stats)), self.causes, self.saved_step)
-
-    def emit(self, step, lr):
-        keys, world = list(self.sums), self.d.world_size
-        skipped = torch.tensor(float(self.skipped * world), device=self.d.device)
-        stats = [self.sums[k] / self.n for k in keys] + [skipped]
-        stats = self.d.all_reduce_mean(torch.stack(stats)).tolist()  # interval means over ranks; skipped: the sum
-        elapsed = time.perf_counter() - self.t0
-        img_s = (step - self.step0) * self.cfg.batch_size / elapsed if step > self.step0 else float("nan")
-        mfu = f"{100 * img_s * self.flops / (self.peak * world):.1f}%" if self.peak and img_s == img_s else "-"
-        cuda = self.d.device.type == "cuda"
-        mem = f"{torch.cuda.max_memory_allocated(self.d.device) / 2**30:.1f}GiB" if cuda else "-"
-        eta = format_duration((self.total - step) * self.cfg.batch_size / img_s) if img_s == img_s else "-"
-        parts = " | ".join(f"{k} {v:.4f}" for k, v in zip(keys, stats))
-        skipped = round(stats[-1])
-        self.log(f"{self.name} step {step}/{self.total} | {parts} | lr {lr:.2e} | {img_s:.1f} img/s | MFU {mfu} "
-                 f"| mem {mem} | ETA {eta}" + (f" | {skipped} unreadable images skipped" if skipped else ""))
-        check_finite(step, dict(zip(keys, stats)), self.causes, self.saved_step)
-        self.sums, self.n, self.skipped = {}, 0, 0
-
-
-def step_flops(fn):
-    """FLOPs of one call of fn (forward + backward of one micro-batch), measured once at start-up."""
-    rng = torch.random.get_rng_state()
-    flops = count_flops(fn)
-    torch.random.set_rng_state(rng)
-    return flops
-
-
-def sync_context(module, sync):
-    """DDP all-reduces gradients only on the last micro-batch of a step."""
-    return module.no_sync() if isinstance(module, DDP) and not sync else torch.enable_grad()
-
-
-def new_pae(cfg, d, pretrained=True):
+def new_pae(cfg, process, pretrained=True):
     """The PAE of the config on the device (random tiny VFM under --preset tiny; random VFM without pretrained)."""
     return M.build_pae(vfm=cfg.vfm, decoder=cfg.decoder, preset="tiny" if cfg.preset == "tiny" else None,
                        vfm_weights=cfg.vfm_weights or None, image_size=cfg.image_size,
-                       pretrained=pretrained).to(d.device)
+                       pretrained=pretrained).to(process.device)
 
-
-def start_or_resume(cfg, log, path, kind, arch_key, arch, states):
-    """Step to start from: 0 for a fresh start, else the checkpoint's, with `states` ({checkpoint key: module or
-    optimizer}) restored. Without --resume an existing checkpoint is an error (main checks it first), so a finished
-    or running stage is never overwritten by accident; --overwrite starts afresh in its place."""
-    if not os.path.isfile(path) or cfg.overwrite and not cfg.resume:
-        if cfg.resume:
-            log(f"--resume: {path} does not exist yet, so this stage starts from step 0")
-        return 0
-    if not cfg.resume:
-        fail(f"{path} already exists; pass --resume to continue that run or choose another --out_dir")
-    ckpt = load_checkpoint(path, kind)
-    if ckpt[arch_key] != arch:
-        fail(f"{path} holds a model built as {ckpt[arch_key]}, but this run builds {arch}; use the same "
-             f"--preset/--vfm/--decoder/--image_size or another --out_dir")
-    for key, state in states.items():
-        state.load_state_dict(ckpt[key])
-    log(f"resuming from {path} at step {ckpt['step']}")
-    return ckpt["step"]
 
 # -----------------------------------------------------------------------------
 # stage refine: P_t / Q_t on frozen VFM features
 
 
-def refine_step(cfg, d, vfm, refiner, opt):
-    """(step, refine_fn): step(batches) runs one optimizer step of P_t / Q_t over this rank's micro-batches
+def refine_step(cfg, process, vfm, refiner, opt):
+    """(train_step, refine_fn): train_step(batches) runs one optimizer step of P_t / Q_t over this rank's micro-batches
     [(images01, seed)] and returns the summed loss parts; refine_fn(images) is the loss of one micro-batch."""
 
     def refine_fn(images):
@@ -539,13 +444,13 @@ def refine_step(cfg, d, vfm, refiner, opt):
             H_ref = losses.structural_target(images, vfm_tokens, cfg.upsample, cfg.lowpass)
         return losses.refine_loss(refiner, vfm_tokens, H_ref, cfg.gram_weight)
 
-    refine_train = wrap(cfg, d, LossModule(refine_fn, refiner=refiner))
+    refine_train = wrap(cfg, process, LossModule(refine_fn, refiner=refiner))
 
-    def step(batches):
+    def train_step(batches):
         parts_sum = {}
         for k, (images, seed) in enumerate(batches):
             torch.manual_seed(seed)
-            with sync_context(refine_train, k == len(batches) - 1), autocast(d.device):
+            with grad_sync(refine_train, k == len(batches) - 1), autocast(process.device):
                 loss, parts = refine_train(images)
                 (loss / len(batches)).backward()
             for key, value in {"loss": loss, **parts}.items():
@@ -555,48 +460,46 @@ def refine_step(cfg, d, vfm, refiner, opt):
         opt.zero_grad(set_to_none=True)
         return parts_sum
 
-    return step, refine_fn
+    return train_step, refine_fn
 
 
-def refine_stage(cfg, d, log):
+def refine_stage(cfg, process, log):
     ckpt_path, final_path = os.path.join(cfg.out_dir, "ckpt_refine.pt"), os.path.join(cfg.out_dir, "refine.pt")
     torch.manual_seed(cfg.seed)
-    vfm = M.build_vfm("tiny" if cfg.preset == "tiny" else cfg.vfm, weights=cfg.vfm_weights or None).to(d.device)
-    probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=d.device)
-    refiner = M.build_refiner(vfm(probe).shape[-1], preset="tiny" if cfg.preset == "tiny" else None).to(d.device)
-    opt = make_optimizer(cfg, refiner.parameters(), d.device)
-    step = start_or_resume(cfg, log, ckpt_path, "refine", "refiner_args", refiner.refiner_args,
-                           {"model": refiner, "opt": opt})
+    vfm = M.build_vfm("tiny" if cfg.preset == "tiny" else cfg.vfm, weights=cfg.vfm_weights or None).to(process.device)
+    probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=process.device)
+    refiner = M.build_refiner(vfm(probe).shape[-1], preset="tiny" if cfg.preset == "tiny" else None).to(process.device)
+    opt = make_optimizer(cfg, refiner.parameters(), process.device)
+    step = resume_step(cfg, ckpt_path, "refine", {"model": refiner, "opt": opt},
+                       {"refiner_args": refiner.refiner_args}, log)
 
-    train_step, refine_fn = refine_step(cfg, d, vfm, refiner, opt)
-    _, micro, accum = batch_layout(cfg, d)
+    train_step, refine_fn = refine_step(cfg, process, vfm, refiner, opt)
+    _, micro, accum = batch_layout(cfg, process)
     dataset = make_dataset(cfg)
-    flops = step_flops(lambda: refine_fn(probe.expand(micro, -1, -1, -1))[0].backward()) / micro
+    flops = count_flops(lambda: refine_fn(probe.expand(micro, -1, -1, -1))[0].backward()) / micro
     refiner.zero_grad(set_to_none=True)
     n_params = sum(p.numel() for p in refiner.parameters())
     log(f"refine: {n_params / 1e6:.2f}M trainable parameters, {flops / 1e9:.2f} GFLOP per image | data "
-        f"{dataset.name}: {len(dataset)} images | world {d.world_size} x micro-batch {micro} x accumulation {accum} "
+        f"{dataset.name}: {len(dataset)} images | world {process.world_size} x micro-batch {micro} x accumulation {accum} "
         f"= batch {cfg.batch_size} | {cfg.refine_steps} steps")
-    loader = train_loader(cfg, d, dataset, step)
-    meter = IntervalLog(cfg, d, log, "refine", cfg.refine_steps, flops, f"a NaN in the images of {dataset.name} or in "
+    loader = train_loader(cfg, process, dataset, step)
+    meter = IntervalLog(cfg, process, log, "refine", cfg.refine_steps, flops, f"a NaN in the images of {dataset.name} or in "
                         f"the VFM's weights, or a learning rate too high (--lr {cfg.lr})", step or None)
     refiner.train()
     while step < cfg.refine_steps:
         lr = get_lr(cfg, step, cfg.refine_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        batches, skipped = micro_batches(cfg, d, loader, step)
+        batches, skipped = micro_batches(cfg, process, loader, step)
         parts_sum = train_step(batches)
         step += 1
         meter.add(step, parts_sum, skipped)
         if step % cfg.log_every == 0 or step == cfg.refine_steps:
             meter.emit(step, lr)
         if step % cfg.ckpt_every == 0 or step == cfg.refine_steps:
-            meter.check(step)
-            d.run0(lambda: save_checkpoint(ckpt_path, "refine", refiner, cfg, step, opt=opt,
-                                           refiner_args=refiner.refiner_args))
-            meter.saved_step = step
-    d.run0(lambda: save_checkpoint(final_path, "refine", refiner, cfg, step, refiner_args=refiner.refiner_args))
+            meter.checkpoint(step, lambda: save_checkpoint(ckpt_path, "refine", refiner, cfg, step, opt=opt,
+                                                           refiner_args=refiner.refiner_args))
+    process.run0(lambda: save_checkpoint(final_path, "refine", refiner, cfg, step, refiner_args=refiner.refiner_args))
     log(f"refine: done at step {step}, P_t/Q_t in {final_path}")
     return final_path
 
@@ -607,15 +510,12 @@ THETAS = (42.5, 85.0)  # MCR rotation angles in degrees, theta_m and theta_l
 LPC_RHOS = (0.1, 0.5, 1.0, 2.0)  # LPC step sizes relative to |z|
 
 
-def psnr(recon01, images01):
-    """Per-image PSNR (dB) of 8-bit images: both are rounded to 0..255 first, as saved images would be."""
-    mse = ((recon01.clamp(0, 1) * 255).round() - (images01 * 255).round()).float().pow(2).mean((1, 2, 3))
-    return 10 * torch.log10(255 ** 2 / mse.clamp_min(1e-10))
-
-
-def ssim(recon01, images01):
-    """Per-image SSIM of the same 8-bit images as psnr (losses.ssim: Gaussian window 11, sigma 1.5)."""
-    return losses.ssim((recon01.clamp(0, 1) * 255).round() / 255, (images01 * 255).round() / 255)
+def recon_scores(recon01, images01):
+    """Per-image PSNR (dB) and SSIM (losses.ssim: Gaussian window 11, sigma 1.5) of 8-bit images: both are rounded
+    to 0..255 first, as saved images would be."""
+    recon8, images8 = (recon01.clamp(0, 1) * 255).round(), (images01 * 255).round()
+    mse = (recon8 - images8).float().pow(2).mean((1, 2, 3))
+    return 10 * torch.log10(255 ** 2 / mse.clamp_min(1e-10)), losses.ssim(recon8 / 255, images8 / 255)
 
 
 @torch.no_grad()
@@ -630,32 +530,33 @@ def write_grid(cfg, pae, dataset, path, device):
 
 
 @torch.no_grad()
-def evaluate(cfg, d, pae, dataset, count, lpips_net=None, inception=None):
+def evaluate(cfg, process, pae, dataset, count, lpips_net=None, inception=None):
     """Reconstruct images 0..count-1 of the dataset, split over the ranks. Returns {"psnr", "ssim"}, plus "lpc" (first
     lpc_images images) and "gsq" with an LPIPS net, plus "rfid" with an Inception net from fid.py."""
-    lo, hi = d.rank * count // d.world_size, (d.rank + 1) * count // d.world_size
-    batch = cfg.micro_batch_size or max(1, cfg.batch_size // d.world_size)
-    sums = torch.zeros(3, dtype=torch.float64, device=d.device)  # PSNR sum, LPC sum, SSIM sum
-    moments = [torch.zeros(2048, dtype=torch.float64, device=d.device) for _ in range(2)]  # sum x: real, recon
-    cross = [torch.zeros(2048, 2048, dtype=torch.float64, device=d.device) for _ in range(2)]  # sum x x^T
+    lo, hi = process.rank * count // process.world_size, (process.rank + 1) * count // process.world_size
+    batch = cfg.micro_batch_size or max(1, cfg.batch_size // process.world_size)
+    sums = torch.zeros(3, dtype=torch.float64, device=process.device)  # PSNR sum, LPC sum, SSIM sum
+    moments = [torch.zeros(2048, dtype=torch.float64, device=process.device) for _ in range(2)]  # sum x: real, recon
+    cross = [torch.zeros(2048, 2048, dtype=torch.float64, device=process.device) for _ in range(2)]  # sum x x^T
     pooled, labels = [], []
     was_training = pae.training
     pae.eval()
     i = lo
-    for images, y, _ in progress(shard_loader(cfg, d, dataset, lo, hi, batch), d.master and lpips_net is not None,
+    for images, y, _ in progress(shard_loader(cfg, process, dataset, lo, hi, batch), process.master and lpips_net is not None,
                                  "eval", "batch"):  # no progress mid-training
-        x = to_images01(images, d.device)
-        with autocast(d.device):
+        x = to_images01(images, process.device)
+        with autocast(process.device):
             latent = pae.encode(x)
             recon = pae.decode(latent).float().clamp(0, 1)
-        sums[0] += psnr(recon, x).double().sum()
-        sums[2] += ssim(recon, x).double().sum()
+        psnr, ssim = recon_scores(recon, x)
+        sums[0] += psnr.double().sum()
+        sums[2] += ssim.double().sum()
         pooled.append(latent.float().mean((2, 3)).cpu())  # (B, C) for GSQ
         labels.append(y)
         n = min(len(x), cfg.lpc_images - i)
         if lpips_net is not None and n > 0:  # directions seeded by the global image index
-            g = torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + i)
-            with autocast(d.device):
+            g = torch.Generator(device=process.device).manual_seed(mixed_seed(cfg.seed, i))
+            with autocast(process.device):
                 sums[1] += losses.lpc(pae.decode, latent[:n].float(), lpips_net, LPC_RHOS, g).double().sum()
         if inception is not None:
             for k, imgs in enumerate((x, recon)):
@@ -665,36 +566,24 @@ def evaluate(cfg, d, pae, dataset, count, lpips_net=None, inception=None):
                 cross[k] += feats.T @ feats
         i += len(x)
     pae.train(was_training)
-    sums = d.all_reduce_mean(sums) * d.world_size
+    sums = process.all_reduce_mean(sums) * process.world_size
     results = {"psnr": sums[0].item() / count, "ssim": sums[2].item() / count}
     if lpips_net is not None:
         results["lpc"] = sums[1].item() / min(count, cfg.lpc_images)
-        results["gsq"], results["gsq_std"] = gsq(d, torch.cat(pooled), torch.cat(labels), cfg.seed)
+        pooled, labels = torch.cat(pooled), torch.cat(labels)
+        if process.world_size > 1:  # GSQ compares every latent with every other: gather them all
+            gathered = [None] * process.world_size
+            torch.distributed.all_gather_object(gathered, (pooled, labels))
+            pooled, labels = torch.cat([p for p, _ in gathered]), torch.cat([y for _, y in gathered])
+        results["gsq"], results["gsq_std"] = losses.gsq(pooled, labels, seed=cfg.seed)
     if inception is not None:
         stats = []
         for k in range(2):  # mean and covariance (np.cov, N - 1) from all-reduced sums: no feature gather
-            s, ss = d.all_reduce_mean(moments[k]) * d.world_size, d.all_reduce_mean(cross[k]) * d.world_size
+            s, ss = process.all_reduce_mean(moments[k]) * process.world_size, process.all_reduce_mean(cross[k]) * process.world_size
             mu = s / count
             stats += [mu.cpu().numpy(), ((ss - count * torch.outer(mu, mu)) / (count - 1)).cpu().numpy()]
         results["rfid"] = fid.frechet_distance(*stats)
     return results
-
-
-def gsq(d, pooled, labels, seed, classes_per_draw=100, draws=5):
-    """GSQ of pooled latents (M, C) gathered from all ranks: the paper's protocol of 5 draws of 100
-    random classes when there are more than 100, else one draw of all classes. -> (mean, std)."""
-    if d.world_size > 1:
-        gathered = [None] * d.world_size
-        torch.distributed.all_gather_object(gathered, (pooled, labels))
-        pooled, labels = torch.cat([p for p, _ in gathered]), torch.cat([y for _, y in gathered])
-    classes = labels.unique()
-    rng = np.random.default_rng(seed)
-    scores = []
-    for _ in range(draws if len(classes) > classes_per_draw else 1):
-        chosen = classes[torch.from_numpy(rng.permutation(len(classes))[:classes_per_draw])]
-        keep = torch.isin(labels, chosen)
-        scores.append(losses.gsq(pooled[keep][:, :, None, None], labels[keep]))
-    return float(np.mean(scores)), float(np.std(scores))
 
 
 def make_lpips(cfg):
@@ -707,8 +596,8 @@ def make_lpips(cfg):
 # stage ae: the PAE tokenizer with all the paper's losses, on our training recipe
 
 
-def ae_step(cfg, d, pae, refiner, lpips_net, disc, opt, disc_opt, ema=None):
-    """(step, generator_loss): step(batches, gan_on) runs one optimizer step of stage ae over this rank's
+def ae_step(cfg, process, pae, refiner, lpips_net, disc, opt, disc_opt, ema=None):
+    """(train_step, generator_loss): train_step(batches, gan_on) runs one optimizer step of stage ae over this rank's
     micro-batches [(images01, seed)] (the generator with every loss, the EMA, then the discriminator's hinge loss on
     the step's reconstructions) and returns the summed loss parts; generator_loss(pae, images, gan_on) is one
     micro-batch's generator loss."""
@@ -724,15 +613,15 @@ def ae_step(cfg, d, pae, refiner, lpips_net, disc, opt, disc_opt, ema=None):
     def disc_fn(images, fakes):
         return losses.hinge_d_loss(disc(images * 2 - 1), disc(fakes * 2 - 1))
 
-    pae_train = wrap(cfg, d, pae)
-    disc_train = wrap(cfg, d, LossModule(disc_fn, disc=disc))
+    pae_train = wrap(cfg, process, pae)
+    disc_train = wrap(cfg, process, LossModule(disc_fn, disc=disc))
 
-    def step(batches, gan_on):
+    def train_step(batches, gan_on):
         accum, parts_sum, fakes = len(batches), {}, []
         disc.requires_grad_(False)  # the generator step only needs gradients through D, not of D
         for k, (images, seed) in enumerate(batches):
             torch.manual_seed(seed)  # MCR directions: a function of (step, global micro-batch)
-            with sync_context(pae_train, k == accum - 1), autocast(d.device):
+            with grad_sync(pae_train, k == accum - 1), autocast(process.device):
                 total, parts, recon = generator_loss(pae_train, images, gan_on)
                 (total / accum).backward()
             fakes.append(recon.detach())
@@ -747,7 +636,7 @@ def ae_step(cfg, d, pae, refiner, lpips_net, disc, opt, disc_opt, ema=None):
         disc.requires_grad_(True)
         if gan_on:  # hinge loss for D on this step's reconstructions
             for k, ((images, _), fake) in enumerate(zip(batches, fakes)):
-                with sync_context(disc_train, k == accum - 1), autocast(d.device):
+                with grad_sync(disc_train, k == accum - 1), autocast(process.device):
                     disc_loss = disc_train(images, fake)
                     (disc_loss / accum).backward()
                 parts_sum["disc"] = parts_sum.get("disc", 0) + disc_loss.detach().float() / accum
@@ -756,44 +645,44 @@ def ae_step(cfg, d, pae, refiner, lpips_net, disc, opt, disc_opt, ema=None):
             disc_opt.zero_grad(set_to_none=True)
         return parts_sum
 
-    return step, generator_loss
+    return train_step, generator_loss
 
 
-def ae_stage(cfg, d, log, refine_path):
+def ae_stage(cfg, process, log, refine_path):
     ckpt_path, final_path = os.path.join(cfg.out_dir, "ckpt_ae.pt"), os.path.join(cfg.out_dir, "ae.pt")
     tiny = cfg.preset == "tiny"
-    refiner, refine_ckpt = M.refiner_from_checkpoint(refine_path, d.device)  # P_t supplies the SCR targets, frozen
+    refiner, refine_ckpt = M.refiner_from_checkpoint(refine_path, process.device)  # P_t supplies the SCR targets, frozen
     torch.manual_seed(cfg.seed)  # the same initial weights (and tiny random LPIPS) on every rank and every run
-    lpips_net = make_lpips(cfg).to(d.device) if cfg.lpips_weight else None  # weight 0: L1 alone, MCR too
-    pae = new_pae(cfg, d)
+    lpips_net = make_lpips(cfg).to(process.device) if cfg.lpips_weight else None  # weight 0: L1 alone, MCR too
+    pae = new_pae(cfg, process)
     made_for = (refine_ckpt["config"].get("vfm"), refine_ckpt["config"].get("preset") == "tiny",
                 refine_ckpt["refiner_args"].get("vfm_width"))
     if made_for != (cfg.vfm, tiny, pae.vfm.width):
         fail(f"{refine_path} was trained for VFM {made_for[0]!r} (preset {refine_ckpt['config'].get('preset')}), "
              f"but this run uses {cfg.vfm!r} (preset {cfg.preset}); run --stage refine for it or pass the matching "
              f"--refine_ckpt")
-    disc = M.PatchDiscriminator().to(d.device)
+    disc = M.PatchDiscriminator().to(process.device)
     vfm, pae.vfm = pae.vfm, None  # the EMA shares the frozen VFM instead of holding a second copy
     ema = copy.deepcopy(pae).requires_grad_(False).eval()
     pae.vfm = ema.vfm = vfm
-    opt = make_optimizer(cfg, pae.trainable_parameters(), d.device)
-    disc_opt = make_optimizer(cfg, disc.parameters(), d.device)
-    step = start_or_resume(cfg, log, ckpt_path, "pae", "pae_args", pae.pae_args,
-                           {"model": pae, "ema": ema, "opt": opt, "disc": disc, "disc_opt": disc_opt})
-    train_step, generator_loss = ae_step(cfg, d, pae, refiner, lpips_net, disc, opt, disc_opt, ema)
-    _, micro, accum = batch_layout(cfg, d)
+    opt = make_optimizer(cfg, pae.trainable_parameters(), process.device)
+    disc_opt = make_optimizer(cfg, disc.parameters(), process.device)
+    step = resume_step(cfg, ckpt_path, "pae", {"model": pae, "ema": ema, "opt": opt, "disc": disc,
+                                               "disc_opt": disc_opt}, {"pae_args": pae.pae_args}, log)
+    train_step, generator_loss = ae_step(cfg, process, pae, refiner, lpips_net, disc, opt, disc_opt, ema)
+    _, micro, accum = batch_layout(cfg, process)
     dataset, held_out = make_dataset(cfg), make_dataset(cfg, held_out=True)
-    probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=d.device)  # one image: no memory spike
-    flops = step_flops(lambda: generator_loss(pae, probe, False)[0].backward())
+    probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=process.device)  # one image: no memory spike
+    flops = count_flops(lambda: generator_loss(pae, probe, False)[0].backward())
     pae.zero_grad(set_to_none=True)
     n_params = sum(p.numel() for p in pae.trainable_parameters())
     log(f"ae: {n_params / 1e6:.2f}M trainable parameters, {flops / 1e9:.2f} GFLOP per image (generator, fwd+bwd) | "
-        f"P_t from {refine_path} | data {dataset.name}: {len(dataset)} images | world {d.world_size} x micro-batch "
+        f"P_t from {refine_path} | data {dataset.name}: {len(dataset)} images | world {process.world_size} x micro-batch "
         f"{micro} x accumulation {accum} = batch {cfg.batch_size} | {cfg.max_steps} steps, "
         + (f"GAN from step {cfg.disc_start}" if cfg.disc_start < cfg.max_steps and cfg.gan_weight else "no GAN")
         + ("" if held_out is not None else " | no --val_data: no held-out PSNR"))
-    loader = train_loader(cfg, d, dataset, step)
-    meter = IntervalLog(cfg, d, log, "ae", cfg.max_steps, flops, f"a NaN in the images of {dataset.name}, a NaN "
+    loader = train_loader(cfg, process, dataset, step)
+    meter = IntervalLog(cfg, process, log, "ae", cfg.max_steps, flops, f"a NaN in the images of {dataset.name}, a NaN "
                         f"weight in {refine_path} or in the checkpoint this run resumed from, or a learning rate too "
                         f"high (--lr {cfg.lr})", step or None)
 
@@ -801,22 +690,20 @@ def ae_stage(cfg, d, log, refine_path):
         save_checkpoint(ckpt_path, "pae", pae, cfg, step, ema=ema, opt=opt, pae_args=pae.pae_args,
                         disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
         write_grid(cfg, pae, dataset if held_out is None else held_out,
-                   os.path.join(cfg.out_dir, f"grid_{step:07d}.png"), d.device)
+                   os.path.join(cfg.out_dir, f"grid_{step:07d}.png"), process.device)
 
     def checkpoint(step):
-        meter.check(step)
-        d.run0(lambda: save(step))
+        meter.checkpoint(step, lambda: save(step))
         if held_out is not None:
-            metrics = evaluate(cfg, d, pae, held_out, min(cfg.psnr_images, len(held_out)))
+            metrics = evaluate(cfg, process, pae, held_out, min(cfg.psnr_images, len(held_out)))
             log(f"ae step {step}: held-out PSNR {metrics['psnr']:.2f} dB (raw weights, the ones encode uses)")
-        meter.saved_step = step
 
     pae.train()
     while step < cfg.max_steps:
         lr = get_lr(cfg, step, cfg.max_steps)
         for group in opt.param_groups + disc_opt.param_groups:
             group["lr"] = lr
-        batches, skipped = micro_batches(cfg, d, loader, step)
+        batches, skipped = micro_batches(cfg, process, loader, step)
         parts_sum = train_step(batches, gan_on=cfg.gan_weight > 0 and step >= cfg.disc_start)
         step += 1
         meter.add(step, parts_sum, skipped)
@@ -824,7 +711,7 @@ def ae_stage(cfg, d, log, refine_path):
             meter.emit(step, lr)
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             checkpoint(step)
-    d.run0(lambda: save_checkpoint(final_path, "pae", pae, cfg, step, ema=ema, pae_args=pae.pae_args))
+    process.run0(lambda: save_checkpoint(final_path, "pae", pae, cfg, step, ema=ema, pae_args=pae.pae_args))
     log(f"ae: done at step {step}, tokenizer in {final_path} (raw weights in 'model', EMA in 'ema')")
     return os.path.abspath(final_path)
 
@@ -832,72 +719,74 @@ def ae_stage(cfg, d, log, refine_path):
 # stage eval: PSNR, rFID, LPC and GSQ of a PAE checkpoint on held-out images
 
 
-def eval_stage(cfg, d, log, ae_path):
+def eval_stage(cfg, process, log, ae_path):
     if cfg.val_data == "" and cfg.data != "synthetic":
         fail("stage eval needs held-out images: pass --val_data DIR (e.g. the ImageNet val folder with class "
              "sub-folders)")
-    pae = M.pae_from_checkpoint(ae_path, device=d.device)
+    pae = M.pae_from_checkpoint(ae_path, device=process.device)
     cfg.image_size = pae.image_size  # images are cropped to the size the tokenizer was trained at
     dataset = make_dataset(cfg, held_out=True)
     torch.manual_seed(cfg.seed)  # tiny preset: the same random LPIPS on every rank
-    lpips_net = make_lpips(cfg).to(d.device)
+    lpips_net = make_lpips(cfg).to(process.device)
     if cfg.fid_weights == "random":
         log("eval: random Inception weights (--fid_weights random): the rFID only tests the plumbing")
     try:
-        inception = fid.load_inception(cfg.fid_weights or None, device=d.device, flag="--fid_weights")
+        inception = fid.load_inception(cfg.fid_weights or None, device=process.device, flag="--fid_weights")
     except SystemExit as e:  # no Inception weights: report everything else, and say how to get rFID
         inception = None
         log(f"eval: rFID skipped: {str(e).removeprefix('error: ')}")
     count = min(cfg.eval_images, len(dataset))
     log(f"eval: {ae_path} on {count} images of {dataset.name}")
-    metrics = evaluate(cfg, d, pae, dataset, count, lpips_net, inception)
+    metrics = evaluate(cfg, process, pae, dataset, count, lpips_net, inception)
     log("eval: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    if d.master:
-        report = json.dumps({"ae_ckpt": ae_path, "images": count, **metrics}, indent=2)
-        M.atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: f.write(report.encode()))
+    if process.master:
+        text = json.dumps({"ae_ckpt": ae_path, "images": count, **metrics}, indent=2)
+        M.atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: f.write(text.encode()))
     return metrics
 
 # -----------------------------------------------------------------------------
 # --bench: the three stages' throughput at the configured size, on random images and weights (nothing downloaded)
 
 
-def bench(cfg, d):
+def bench(cfg, process):
     """img/s, MFU (FLOPs counted once), peak memory and graph breaks of stage refine's step, stage ae's step (every
     loss, GAN on; MFU from the generator's FLOPs) and of encoding (image and flip), compile off and on."""
-    micro = cfg.micro_batch_size or min(32, max(1, cfg.batch_size // d.world_size))
-    images = torch.rand(micro, 3, cfg.image_size, cfg.image_size, device=d.device)
+    micro = cfg.micro_batch_size or min(32, max(1, cfg.batch_size // process.world_size))
+    device = process.device
+    images = torch.rand(micro, 3, cfg.image_size, cfg.image_size, device=device)
     batches = [(images, 0)]
     for compiled in bench_modes(cfg):
         run = replace(cfg, compile=compiled)
         torch.manual_seed(cfg.seed)
-        pae = new_pae(run, d, pretrained=False)
-        refiner = M.build_refiner(pae.vfm.width, preset="tiny" if cfg.preset == "tiny" else None).to(d.device)
-        step, refine_fn = refine_step(run, d, pae.vfm, refiner, make_optimizer(cfg, refiner.parameters(), d.device))
-        flops = step_flops(lambda: refine_fn(images[:1])[0].backward())
+        pae = new_pae(run, process, pretrained=False)
+        refiner = M.build_refiner(pae.vfm.width, preset="tiny" if cfg.preset == "tiny" else None).to(device)
+        train_step, refine_fn = refine_step(run, process, pae.vfm, refiner,
+                                            make_optimizer(cfg, refiner.parameters(), device))
+        flops = count_flops(lambda: refine_fn(images[:1])[0].backward())
         refiner.zero_grad(set_to_none=True)
-        seconds = time_calls(lambda: step(batches), cfg.bench_steps, d.device)
-        report(f"train_ae refine micro-batch {micro}", micro / seconds, "img", flops, d.device, compiled,
+        seconds = time_calls(lambda: train_step(batches), cfg.bench_steps, device)
+        report(f"train_ae refine micro-batch {micro}", micro / seconds, "img", flops, device, compiled,
                f"{flops / 1e9:.1f} GFLOP/img fwd+bwd")
         refiner.requires_grad_(False).eval()
-        disc = M.PatchDiscriminator().to(d.device)
-        step, generator_loss = ae_step(run, d, pae, refiner, losses.LPIPS(pretrained=False).to(d.device), disc,
-                                       make_optimizer(cfg, pae.trainable_parameters(), d.device),
-                                       make_optimizer(cfg, disc.parameters(), d.device))
-        flops = step_flops(lambda: generator_loss(pae, images[:1], True)[0].backward())
+        disc = M.PatchDiscriminator().to(device)
+        train_step, generator_loss = ae_step(run, process, pae, refiner, losses.LPIPS(pretrained=False).to(device),
+                                             disc, make_optimizer(cfg, pae.trainable_parameters(), device),
+                                             make_optimizer(cfg, disc.parameters(), device))
+        flops = count_flops(lambda: generator_loss(pae, images[:1], True)[0].backward())
         pae.zero_grad(set_to_none=True)
-        seconds = time_calls(lambda: step(batches, gan_on=True), cfg.bench_steps, d.device)
-        report(f"train_ae ae micro-batch {micro}", micro / seconds, "img", flops, d.device, compiled,
+        seconds = time_calls(lambda: train_step(batches, gan_on=True), cfg.bench_steps, device)
+        report(f"train_ae ae micro-batch {micro}", micro / seconds, "img", flops, device, compiled,
                f"{flops / 1e9:.1f} GFLOP/img generator fwd+bwd (+ discriminator)")
         pae.eval()
         encode = torch.compile(pae.encode) if compiled else pae.encode
 
         def encode_pair():
-            with torch.no_grad(), autocast(d.device):
+            with torch.no_grad(), autocast(device):
                 return torch.stack([encode(images), encode(images.flip(-1))], dim=1)
 
         flops = count_flops(lambda: pae.encode(images[:1]))
-        seconds = time_calls(encode_pair, cfg.bench_steps, d.device)
-        report(f"train_ae encode batch {micro}", micro / seconds, "img", 2 * flops, d.device, compiled,
+        seconds = time_calls(encode_pair, cfg.bench_steps, device)
+        report(f"train_ae encode batch {micro}", micro / seconds, "img", 2 * flops, device, compiled,
                f"{flops / 1e9:.1f} GFLOP per encode; each image is encoded with its flip")
 
 # -----------------------------------------------------------------------------
@@ -911,19 +800,16 @@ def main(argv=None):
         fail("--preset tiny builds its own tiny VFM and decoder; drop --vfm/--decoder, or use --preset paper")
     gpu_guard(cfg.device, not tiny and f"the paper-size tokenizer (VFM {cfg.vfm}, decoder {cfg.decoder})")
     if cfg.bench:
-        d = Dist(cfg.device)
+        process = Dist(cfg.device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        bench(cfg, d)
-        return d.teardown()
+        bench(cfg, process)
+        return process.teardown()
     cfg.latents = os.path.abspath(cfg.latents or os.path.join(cfg.out_dir, "latents"))
 
     # --- plan: every output is checked before anything is written, so a mistaken rerun changes nothing
     plan = [cfg.stage] if cfg.stage else (["ae"] if cfg.refine_ckpt else ["refine", "ae"]) + ["encode"]
-    for stage in ("refine", "ae"):
-        ckpt, final = (os.path.join(cfg.out_dir, f"{name}.pt") for name in (f"ckpt_{stage}", stage))
-        if stage in plan and not (cfg.resume or cfg.overwrite) and (os.path.isfile(ckpt) or os.path.isfile(final)):
-            fail(f"{ckpt if os.path.isfile(ckpt) else final} already exists; pass --resume to continue that run, "
-                 f"--overwrite to train a new one in its place, or choose another --out_dir")
+    for stage in {"refine", "ae"} & set(plan):
+        check_resume(cfg, os.path.join(cfg.out_dir, f"ckpt_{stage}.pt"), [os.path.join(cfg.out_dir, f"{stage}.pt")])
     if "encode" in plan and os.path.isfile(os.path.join(cfg.latents, "meta.json")) and not cfg.overwrite:
         fail(f"{cfg.latents} already holds a complete latent cache; pass --overwrite to replace it (the new one is "
              f"swapped in only when complete) or choose another --latents")
@@ -934,12 +820,12 @@ def main(argv=None):
              f"exist; pass --ae_ckpt PATH")
 
     # --- setup
-    d = Dist(cfg.device)
+    process = Dist(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    d.run0(lambda: lock_dir(cfg.out_dir) or save_config(  # encode and eval keep the training run's config.json
+    process.run0(lambda: lock_dir(cfg.out_dir) or save_config(  # encode and eval keep the training run's config.json
         cfg, cfg.out_dir, "config.json" if {"refine", "ae"} & set(plan) else f"config_{cfg.stage}.json"))
-    log = Logger(cfg.out_dir, d.master)
+    log = Logger(cfg.out_dir, process.master)
     log(json.dumps(asdict(cfg)))
     if cfg.data == "synthetic" and not tiny:
         log("warning: training the paper-size PAE on the built-in synthetic images; pass --data DIR for ImageNet")
@@ -952,16 +838,16 @@ def main(argv=None):
     ae_path = os.path.abspath(cfg.ae_ckpt or os.path.join(cfg.out_dir, "ae.pt"))
     for stage in plan:
         if stage == "refine":
-            refine_path = refine_stage(cfg, d, log)
+            refine_path = refine_stage(cfg, process, log)
         elif stage == "ae":
-            ae_path = ae_stage(cfg, d, log, refine_path)
+            ae_path = ae_stage(cfg, process, log, refine_path)
         elif stage == "encode":
-            encode_stage(cfg, d, log, ae_path)
+            encode_stage(cfg, process, log, ae_path)
         else:
-            eval_stage(cfg, d, log, ae_path)
+            eval_stage(cfg, process, log, ae_path)
 
     # --- teardown
-    d.teardown()
+    process.teardown()
 
 
 if __name__ == "__main__":

@@ -19,23 +19,20 @@ import functools
 import json
 import os
 import queue
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from numpy.lib.format import open_memmap
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.utils import save_image
 
 import sample
 from losses import flow_matching_loss, sample_timesteps
-from model import (DEVICES, Dist, Logger, autocast, batch_layout, build_dit, cache_ae, check_finite, count_flops, dit_preset,
-                   ema_update, fail, format_duration, gpu_guard, load_checkpoint, lock_dir, make_optimizer,
-                   bench_modes, pae_from_checkpoint, parse_config, peak_flops, read_latent_meta, report, save_checkpoint,
-                   save_config, mixed_seed, time_calls)
+from model import (DEVICES, Dist, IntervalLog, Logger, autocast, batch_indices, batch_layout, bench_modes, build_dit,
+                   cache_ae, check_resume, count_flops, dit_preset, ema_update, fail, gpu_guard, grad_sync, lock_dir,
+                   make_optimizer, mixed_seed, pae_from_checkpoint, parse_config, read_latent_meta, report, resume_step,
+                   save_checkpoint, save_config, step_flips, time_calls, wrap)
 
 # -----------------------------------------------------------------------------
 # config
@@ -117,19 +114,6 @@ class LatentCache:
                  f"guidance); fix num_classes or the labels and rerun the encode")
         self.mean = torch.tensor(self.meta["mean"], dtype=torch.float32).view(1, C, 1, 1)
         self.std = torch.tensor(self.meta["std"], dtype=torch.float32).view(1, C, 1, 1)
-        self._perms = {}
-
-    def indices(self, step, batch_size, seed):
-        """Global sample indices of a step: a pure function of the step, so resume needs no data state."""
-        positions = np.arange(step * batch_size, (step + 1) * batch_size)
-        out = np.empty(batch_size, dtype=np.int64)
-        for epoch in np.unique(positions // self.count):
-            perms = self._perms  # one read, one write: the reader thread and the main thread may both call this
-            if epoch not in perms:  # one shuffle per epoch, from (seed, epoch)
-                perms = self._perms = {epoch: np.random.default_rng((seed, int(epoch))).permutation(self.count)}
-            sel = positions // self.count == epoch
-            out[sel] = perms[epoch][positions[sel] % self.count]
-        return out
 
     def read(self, indices, flips, pin=False):
         """Raw latents (B, C, H, W) float16 and labels (B,) of the given rows, on the CPU; pinned for a GPU, so the
@@ -151,29 +135,27 @@ class LatentCache:
         return (latents.float() - self.mean) / self.std
 
 
-def step_seed(cfg, step, stream):
-    """A 32-bit seed for one random stream of one step (0: flips, 1: the rest), mixed from (seed, step, stream)."""
-    return mixed_seed(cfg.seed, step, stream)
-
-
-def step_flips(cfg, step):
-    """The whole global batch's horizontal flips of a step (bool array), from a CPU generator of its own: the reader
-    thread needs them on the host to pick the memory-mapped rows."""
-    gen = torch.Generator().manual_seed(step_seed(cfg, step, 0))
-    return (torch.rand(cfg.batch_size, generator=gen) < 0.5).numpy()
-
-
 def step_randomness(cfg, step, shape, device):
     """Label drops, timesteps and noise of the whole global batch, drawn on the device from a generator seeded by
     (seed, step): every rank draws all of them and keeps its slice, so they are identical for any world size and
     after a resume. On CUDA the Philox generator makes them bit-identical across runs and GPU counts on the same GPU
     model; they differ from the CPU's draws."""
-    gen = torch.Generator(device=device).manual_seed(step_seed(cfg, step, 1))
+    gen = torch.Generator(device=device).manual_seed(mixed_seed(cfg.seed, step, 1))
     B = cfg.batch_size
     drop = torch.rand(B, generator=gen, device=device) < cfg.label_dropout
     t = sample_timesteps(B, cfg.time_shift, generator=gen, device=device)
     noise = torch.randn(B, *shape, generator=gen, device=device)
     return drop, t, noise
+
+
+def step_batches(cfg, data, reader, step, rows, micro, device):
+    """This rank's micro-batches of a step as (x1 normalised, t, label or the null class, x0): all a function of the
+    step, so a resumed run and any world size see the same data."""
+    x1, y = reader.get(step)
+    drop, t, noise = step_randomness(cfg, step, (data.channels, data.size, data.size), device)
+    x1, y = data.normalise(x1), torch.where(drop[rows], data.num_classes, y)  # dropped labels: the null class
+    t, x0 = t[rows], noise[rows]
+    return [(x1[i:i + micro], t[i:i + micro], y[i:i + micro], x0[i:i + micro]) for i in range(0, len(x1), micro)]
 
 
 class Prefetcher:
@@ -198,8 +180,8 @@ class Prefetcher:
     def _read(self, step):
         try:
             while not self.stopped.is_set():
-                indices = self.data.indices(step, self.cfg.batch_size, self.cfg.seed)[self.rows]
-                flips = step_flips(self.cfg, step)[self.rows]
+                indices = batch_indices(step, self.cfg.batch_size, self.data.count, self.cfg.seed)[self.rows]
+                flips = step_flips(self.cfg.seed, step, self.cfg.batch_size).numpy()[self.rows]
                 self._put((step, *self.data.read(indices, flips, pin=self.device.type == "cuda")))
                 step += 1
         except Exception as e:  # handed to the main thread, which raises it
@@ -218,7 +200,7 @@ class Prefetcher:
 
 
 # -----------------------------------------------------------------------------
-# training step (shared by training and --bench)
+# the training step, its FLOPs, --bench and the periodic sample grid
 
 
 def train_step(cfg, model, raw_model, opt, micro_batches, device):
@@ -226,8 +208,7 @@ def train_step(cfg, model, raw_model, opt, micro_batches, device):
     total = torch.zeros((), device=device)
     for i, (x1, t, y, x0) in enumerate(micro_batches):
         xt = t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * x0
-        sync = i == len(micro_batches) - 1  # DDP all-reduces only on the last micro-batch
-        with (model.no_sync() if isinstance(model, DDP) and not sync else torch.enable_grad()), autocast(device):
+        with grad_sync(model, i == len(micro_batches) - 1), autocast(device):
             loss = flow_matching_loss(model(xt, t, y), x1 - x0) / len(micro_batches)
             loss.backward()
         total += loss.detach()
@@ -238,7 +219,7 @@ def train_step(cfg, model, raw_model, opt, micro_batches, device):
 
 
 def flops_per_image(model, channels, size, num_classes, device):
-    """Training FLOPs (forward + backward) of one image, counted once by FlopCounterMode."""
+    """Training FLOPs (forward + backward) of one image."""
     x = torch.zeros(1, channels, size, size, device=device)
     t, y = torch.full((1,), 0.5, device=device), torch.zeros(1, dtype=torch.long, device=device)
     flops = count_flops(lambda: model(x, t, y).float().sum().backward())
@@ -246,72 +227,27 @@ def flops_per_image(model, channels, size, num_classes, device):
     return flops
 
 
-def bench(cfg, d):
+def bench(cfg, process):
     """img/s, MFU, peak memory and graph breaks of training steps on random latents (no cache needed), compile off
-    and on; then the input pipeline at the paper's layout."""
+    and on. The input pipeline's cost shows in the training log's host ms/step."""
     channels, size, num_classes = 32, 16, 1000
-    micro = cfg.micro_batch_size or min(64, cfg.batch_size // d.world_size)  # 64 fits an 80 GB card for XL/1
+    micro = cfg.micro_batch_size or min(64, cfg.batch_size // process.world_size)  # 64 fits an 80 GB card for XL/1
+    device = process.device
     for compiled in bench_modes(cfg):
         torch.manual_seed(cfg.seed)
         raw = build_dit(cfg.model, channels, size, num_classes=num_classes, qk_norm=cfg.qk_norm,
-                        grad_ckpt=cfg.grad_ckpt).to(d.device)
-        flops = flops_per_image(raw, channels, size, num_classes, d.device)
-        model = torch.compile(raw) if compiled else raw
-        opt = make_optimizer(cfg, raw.parameters(), d.device)
-        batch = [(torch.randn(micro, channels, size, size, device=d.device), torch.rand(micro, device=d.device),
-                  torch.randint(0, num_classes, (micro,), device=d.device),
-                  torch.randn(micro, channels, size, size, device=d.device))]
-        step = functools.partial(train_step, cfg, model, raw, opt, batch, d.device)  # no closure over the del below
-        seconds = time_calls(step, cfg.bench_steps, d.device, warmup=3)
-        report(f"train_dit {cfg.model} micro-batch {micro}", micro / seconds, "img", flops, d.device, compiled,
+                        grad_ckpt=cfg.grad_ckpt).to(device)
+        flops = flops_per_image(raw, channels, size, num_classes, device)
+        model = wrap(dataclasses.replace(cfg, compile=compiled), process, raw)
+        opt = make_optimizer(cfg, raw.parameters(), device)
+        batch = [(torch.randn(micro, channels, size, size, device=device), torch.rand(micro, device=device),
+                  torch.randint(0, num_classes, (micro,), device=device),
+                  torch.randn(micro, channels, size, size, device=device))]
+        step = functools.partial(train_step, cfg, model, raw, opt, batch, device)  # no closure over the del below
+        seconds = time_calls(step, cfg.bench_steps, device, warmup=3)
+        report(f"train_dit {cfg.model} micro-batch {micro}", micro / seconds, "img", flops, device, compiled,
                f"{flops / 1e9:.1f} GFLOP/img fwd+bwd | {seconds:.3f} s/step")
         del model, raw, opt, step
-    bench_input(cfg, d)
-
-
-def bench_input(cfg, d, steps=20, count=2048):
-    """Host time per step of the input pipeline at the paper's layout, global batch 1024 on 8 ranks (128 rows on
-    this one), from a random on-disk cache of `count` latents 32x16x16: the main thread's hand-over and launches,
-    the reader thread's memory-mapped read (in the background), and the device's randomness and normalisation
-    (kernels on a GPU; on a CPU they run on the host and are shown apart)."""
-    layout = dataclasses.replace(cfg, batch_size=1024)
-    shape, rows = (32, 16, 16), slice(0, 128)
-    with tempfile.TemporaryDirectory() as root:
-        rng = np.random.default_rng(0)
-        latents = open_memmap(os.path.join(root, "latents.npy"), mode="w+", dtype=np.float16, shape=(count, 2, *shape))
-        latents[:] = rng.standard_normal(latents.shape, dtype=np.float32)
-        latents.flush()
-        np.save(os.path.join(root, "labels.npy"), rng.integers(0, 1000, count))
-        with open(os.path.join(root, "meta.json"), "w") as f:
-            json.dump({"ae_ckpt": "", "channels": 32, "size": 16, "count": count, "num_classes": 1000,
-                       "mean": [0.0] * 32, "std": [1.0] * 32}, f)
-        data = LatentCache(root).to(d.device)
-        start = time.perf_counter()
-        for step in range(steps):
-            data.read(data.indices(step, 1024, cfg.seed)[rows], step_flips(layout, step)[rows])
-        read_ms = 1000 * (time.perf_counter() - start) / steps
-        reader = Prefetcher(data, layout, rows, 0, d.device)
-        host = device = 0.0
-        try:
-            for step in range(steps):
-                time.sleep(read_ms / 1000 * 1.5)  # stands in for the model's step, which the reader overlaps
-                start = time.perf_counter()
-                x1, y = reader.get(step)
-                middle = time.perf_counter()
-                drop, t, noise = step_randomness(layout, step, shape, d.device)
-                x1 = data.normalise(x1)
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize()
-                end = time.perf_counter()
-                host, device = host + middle - start, device + end - middle
-        finally:
-            reader.close()
-    host_ms, device_ms = 1000 * host / steps, 1000 * device / steps
-    budget = 1000 * 128 / 600  # ms per step at the goal of 600 img/s per GPU
-    print(f"bench train_dit input, batch 1024 on 8 ranks (128 rows here): main thread {host_ms:.2f} ms/step "
-          f"({100 * host_ms / budget:.2f}% of the {budget:.0f} ms step at 600 img/s) | reader thread {read_ms:.1f} "
-          f"ms/step in the background | randomness + normalisation on {d.device.type} {device_ms:.1f} ms/step",
-          flush=True)
 
 
 def grid_ae(cfg, data, log):
@@ -349,137 +285,83 @@ def main(argv=None):
     dit_preset(cfg.model)  # a valid name, before anything else
     gpu_guard(cfg.device, not cfg.model.startswith("tiny/") and f"LightningDiT-{cfg.model} at batch {cfg.batch_size}")
 
-    # --- setup
-    d = Dist(cfg.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    # --- setup: processes, precision, and every refusal before anything is written
+    process = Dist(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if cfg.bench:
-        bench(cfg, d)
-        return d.teardown()
-    per_rank, micro, accum = batch_layout(cfg, d)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume and not os.path.isfile(ckpt_path):
-        fail(f"--resume was given but {ckpt_path} does not exist; drop --resume to start a new run")
-    if not cfg.resume and not cfg.overwrite and os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} already exists; pass --resume to continue that run, --overwrite to start a new one in "
-             f"its place, or choose another --out_dir")
-    cfg.latents = os.path.abspath(cfg.latents)
+        bench(cfg, process)
+        return process.teardown()
+    per_rank, micro, accum = batch_layout(cfg, process)
+    ckpt_path, cfg.latents = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.abspath(cfg.latents)
+    check_resume(cfg, ckpt_path, required=True)
 
-    # --- data
-    data = LatentCache(cfg.latents).to(d.device)
-    d.run0(lambda: lock_dir(cfg.out_dir))
-    shape = (data.channels, data.size, data.size)
-    model_args = dict(preset=cfg.model, in_channels=data.channels, input_size=data.size,
-                      num_classes=data.num_classes, qk_norm=cfg.qk_norm)
+    # --- data: the latent cache, then the folder lock and the log
+    data = LatentCache(cfg.latents).to(process.device)
+    process.run0(lambda: lock_dir(cfg.out_dir))
+    log = Logger(cfg.out_dir, process.master)
 
     # --- model, EMA, compile, DDP
     torch.manual_seed(cfg.seed)
-    raw_model = build_dit(cfg.model, data.channels, data.size, num_classes=data.num_classes, qk_norm=cfg.qk_norm,
-                          grad_ckpt=cfg.grad_ckpt).to(d.device)
-    # --- optimizer
-    opt = make_optimizer(cfg, raw_model.parameters(), d.device)
-
-    # --- resume
-    step = 0
+    model_args = dict(preset=cfg.model, in_channels=data.channels, input_size=data.size,
+                      num_classes=data.num_classes, qk_norm=cfg.qk_norm)
+    raw_model = build_dit(**model_args, grad_ckpt=cfg.grad_ckpt).to(process.device)
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path, "dit")
-        if ckpt["model_args"] != model_args:
-            fail(f"{ckpt_path} was trained with {ckpt['model_args']}, but this run has {model_args} "
-                 f"(model flags or latent cache differ); use the same --model/--qk_norm/--latents")
-        raw_model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if d.world_size > 1:
-        model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
-    d.run0(lambda: save_config(cfg, cfg.out_dir))
-    log = Logger(cfg.out_dir, d.master)
+    # --- optimizer
+    opt = make_optimizer(cfg, raw_model.parameters(), process.device)
+
+    # --- resume, then the run's config, its summary and its log meter
+    step = resume_step(cfg, ckpt_path, "dit", {"model": raw_model, "ema": ema, "opt": opt},
+                       {"model_args": model_args}, log)
+    model = wrap(cfg, process, raw_model)
+    process.run0(lambda: save_config(cfg, cfg.out_dir))
     log(json.dumps(asdict(cfg)))
-    ae_path = d.run0(lambda: grid_ae(cfg, data, log)) if cfg.sample_every else None  # rank 0 draws the grids
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    flops = flops_per_image(raw_model, data.channels, data.size, data.num_classes, d.device)
-    peak = peak_flops(d.device)
-    log(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters, {flops / 1e9:.2f} GFLOP per image (fwd+bwd) | "
-        f"data {data.count} latents {data.channels}x{data.size}x{data.size}, {data.num_classes} classes | "
-        f"world {d.world_size} x micro-batch {micro} x accumulation {accum} = batch {cfg.batch_size}"
-        + (f" | resumed at step {step}" if cfg.resume else ""))
+    ae_path = process.run0(lambda: grid_ae(cfg, data, log)) if cfg.sample_every else None  # rank 0 draws the grids
+    flops = flops_per_image(raw_model, data.channels, data.size, data.num_classes, process.device)
+    log(f"model {cfg.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
+        f"{flops / 1e9:.2f} GFLOP per image (fwd+bwd) | data {data.count} latents {data.channels}x{data.size}x"
+        f"{data.size}, {data.num_classes} classes | world {process.world_size} x micro-batch {micro} x accumulation "
+        f"{accum} = batch {cfg.batch_size}" + (f" | resumed at step {step}" if step else ""))
+    meter = IntervalLog(cfg, process, log, "dit", cfg.max_steps, flops, f"a NaN in the latent cache {cfg.latents}, a "
+                        f"tiny std in its meta.json, a learning rate too high (--lr {cfg.lr})"
+                        + (f", or a NaN weight in {ckpt_path}, which this run resumed from" if step else ""), step or None)
 
     # --- loop
-    causes = (f"a NaN in the latent cache {cfg.latents}, a tiny std in its meta.json, a learning rate too high "
-              f"(--lr {cfg.lr})" + (f", or a NaN weight in {ckpt_path}, which this run resumed from" if cfg.resume
-                                    else ""))
-    saved_step = step if cfg.resume else None
-
-    def save(step):
-        nonlocal saved_step
-        if n_logged:  # the guard before every checkpoint: the steps since the last log line (one sync)
-            check_finite(step, dict(zip(("loss", "grad norm"), d.all_reduce_mean(torch.stack([loss_sum, grad_sum]))
-                                        .tolist())), causes, saved_step)
-        d.run0(lambda: save_checkpoint(ckpt_path, "dit", raw_model, cfg, step, ema=ema, opt=opt,
-                                       model_args=model_args, latent_meta=data.meta))
-        saved_step = step
-
+    rows = slice(process.rank * per_rank, (process.rank + 1) * per_rank)  # this rank's share of the global batch
+    reader, host_seconds = Prefetcher(data, cfg, rows, step, process.device), 0.0
     model.train()
-    loss_sum, grad_sum, n_logged = torch.zeros((), device=d.device), torch.zeros((), device=d.device), 0
-    host_seconds = 0.0  # the main thread's input work (hand-over, copy launch, randomness) over the log interval
-    timer_step, timer_start = None, None
-    first = step
-    mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
-    reader = Prefetcher(data, cfg, mine, step, d.device)
     try:
         while step < cfg.max_steps:
-            host_start = time.perf_counter()
-            x1, y = reader.get(step)
-            drop, t, noise = step_randomness(cfg, step, shape, d.device)
-            x1 = data.normalise(x1)
-            y = torch.where(drop[mine], data.num_classes, y)  # null class for CFG
-            t, x0 = t[mine], noise[mine]
-            batches = [(x1[i:i + micro], t[i:i + micro], y[i:i + micro], x0[i:i + micro])
-                       for i in range(0, per_rank, micro)]
-            host_seconds += time.perf_counter() - host_start
-            if step == 0 and d.master:  # the zero-initialised model predicts 0: loss = E|x1 - x0|^2/dim + 1
-                expected = torch.cat([(b[0] - b[3]).pow(2).mean().view(1) for b in batches]).mean().item() + 1
-            loss, grad_norm = train_step(cfg, model, raw_model, opt, batches, d.device)
+            # data: the main thread's host time (hand-over, copy launch, randomness) is reported in the log line
+            start = time.perf_counter()
+            batches = step_batches(cfg, data, reader, step, rows, micro, process.device)
+            host_seconds += time.perf_counter() - start
+            # step
+            loss, grad_norm = train_step(cfg, model, raw_model, opt, batches, process.device)
             ema_update(ema, raw_model, cfg.ema_decay)
-            loss_sum += loss
-            grad_sum += grad_norm
-            n_logged += 1
+            if step == 0:  # the zero-initialised model predicts 0: loss = E|x1 - x0|^2 / dim + the cosine term 1
+                want = torch.stack([(x1 - x0).pow(2).mean() for x1, _, _, x0 in batches]).mean() + 1
+                got, want = process.all_reduce_mean(torch.stack([loss, want])).tolist()
+                log(f"step 0 sanity: loss {got:.4f}, expected {want:.4f} (velocity MSE of a zero prediction + "
+                    f"cosine term 1; about 3 for normalised latents)")
             step += 1
-            if step == first + 1:
-                if d.master and first == 0:
-                    log(f"step 0 sanity: loss {loss.item():.4f}, expected {expected:.4f} (velocity MSE of a zero "
-                        f"prediction + cosine term 1; about 3 for normalised latents)")
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize()
-                timer_step, timer_start = step, time.perf_counter()  # throughput excludes the warm-up step
+            # log
+            meter.add(step, {"loss": loss, "grad": grad_norm})
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                stats = torch.stack([loss_sum, grad_sum]) / n_logged
-                d.all_reduce_mean(stats)
-                elapsed = time.perf_counter() - timer_start
-                img_s = (step - timer_step) * cfg.batch_size / elapsed if step > timer_step else float("nan")
-                mfu = f"{100 * img_s * flops / (peak * d.world_size):.1f}%" if peak else "-"
-                mem = f"{torch.cuda.max_memory_allocated(d.device) / 2**30:.1f}GiB" if d.device.type == "cuda" else "-"
-                eta = format_duration((cfg.max_steps - step) * cfg.batch_size / img_s) if img_s == img_s else "-"
-                host_ms = 1000 * host_seconds / n_logged
-                loss_v, grad_v = stats.tolist()  # one device sync per log line
-                log(f"step {step}/{cfg.max_steps} | loss {loss_v:.4f} | lr {cfg.lr:.2e} | grad {grad_v:.3f} | "
-                    f"{img_s:.1f} img/s | MFU {mfu} | mem {mem} | host {host_ms:.1f}ms/step | ETA {eta}")
-                check_finite(step, {"loss": loss_v, "grad norm": grad_v}, causes, saved_step)
-                loss_sum.zero_(), grad_sum.zero_()
-                n_logged, host_seconds = 0, 0.0
+                meter.emit(step, cfg.lr, f"host {1000 * host_seconds / meter.n:.1f}ms/step")
+                host_seconds = 0.0
+            # checkpoint and sample grid
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-                save(step)
+                meter.checkpoint(step, lambda: save_checkpoint(ckpt_path, "dit", raw_model, cfg, step, ema=ema, opt=opt,
+                                                               model_args=model_args, latent_meta=data.meta))
             if cfg.sample_every and step % cfg.sample_every == 0:
-                d.run0(lambda: ae_path and sample_grid(cfg, ema, data, ae_path, step, d.device, log))
+                process.run0(lambda: ae_path and sample_grid(cfg, ema, data, ae_path, step, process.device, log))
     finally:
         reader.close()
 
     # --- teardown
     log(f"done: {step} steps, checkpoint {ckpt_path}")
-    d.teardown()
+    process.teardown()
 
 
 if __name__ == "__main__":
