@@ -49,7 +49,7 @@ from model import (DEVICES, Dist, atomic_write, check_output, count_flops, fail,
 class Config:
     samples: str = ""  # images to score: .npz (arr_0), folder, or statistics .npz; may also come first, flag-less
     ref: str = ""  # reference, same kinds (VIRTUAL_imagenet256_labeled.npz for published numbers); "" = IS only
-    save_stats: str = ""  # write the samples' statistics (mu, sigma, mu_s, sigma_s, pool) to this .npz
+    save_stats: str = ""  # write the samples' mu, sigma, mu_s, sigma_s, pool to this path ending in .npz (folders made)
     overwrite: bool = False  # replace an existing --save_stats file (else refused)
     weights: str = ""  # local pt_inception-2015-12-05-6726825d.pth; "" = download once into the torch hub cache
     batch_size: int = 256  # global images per forward pass, split evenly over the ranks
@@ -70,6 +70,7 @@ WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
                "pt_inception-2015-12-05-6726825d.pth")  # the TF graph's weights, ported by pytorch-fid
 WEIGHTS_SHA256_PREFIX = "6726825d"
 DIMS = {"pool": 2048, "logits": 1008, "spatial": 2023}
+TO_UINT8 = ("truncate", "round")  # to_uint8() modes, the first the published numbers' convention
 
 
 def tf_avg_pool(x):
@@ -85,10 +86,8 @@ class FIDInceptionA(InceptionA):
 class FIDInceptionC(InceptionC):
     def _forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        b7dbl = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                     self.branch7x7dbl_5):
-            b7dbl = conv(b7dbl)
+        b7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        b7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(b7dbl))
         return [self.branch1x1(x), b7, b7dbl, self.branch_pool(tf_avg_pool(x))]
 
 
@@ -96,8 +95,7 @@ class FIDInceptionE(InceptionE):
     max_pool = False  # True in Mixed_7c: the TF graph max-pools there (stride 1, padding 1)
 
     def _forward(self, x):
-        b3 = self.branch3x3_1(x)
-        b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3, b3dbl = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else tf_avg_pool(x)
         return [self.branch1x1(x), torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1),
                 torch.cat([self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl)], 1), self.branch_pool(pooled)]
@@ -127,34 +125,28 @@ class FIDInception(Inception3):
 
 def random_state_dict(net, seed=0):
     """Seeded random weights in the file's 472-tensor layout that keep activations O(1) through all 94 convs."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
+    g, state = torch.Generator().manual_seed(seed), {}
     for name, t in net.state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            continue
         if name.endswith(("running_var", "bn.weight")):
             state[name] = 0.5 + torch.rand(t.shape, generator=g)
         elif name.endswith(("conv.weight", "fc.weight")):
             state[name] = torch.randn(t.shape, generator=g) * (2 / t[0].numel()) ** 0.5  # He init
-        else:  # bn.bias, running_mean, fc.bias
+        elif not name.endswith("num_batches_tracked"):  # bn.bias, running_mean, fc.bias
             state[name] = 0.1 * torch.randn(t.shape, generator=g)
     return state
 
 
 def weights_file(weights, flag="--weights"):
-    """Path of the weight file: `weights` itself (hash checked, warned about) or the hub cache copy (downloaded).
-    flag: the option that passes a local file, named in the messages."""
+    """Path of `weights` (hash checked) or of the hub cache's copy (downloaded); flag: the option named in messages."""
     if weights:
         if not os.path.isfile(weights):
-            fail(f"Inception weight file {weights} does not exist; download {WEIGHTS_URL} and pass its path "
-                 f"with {flag}")
+            fail(f"Inception weight file {weights} does not exist; download {WEIGHTS_URL} and pass it with {flag}")
         digest = file_digest(weights)
         if not digest.startswith(WEIGHTS_SHA256_PREFIX):
             print0(f"warning: {weights} has SHA-256 {digest[:8]}..., not {WEIGHTS_SHA256_PREFIX}...; scores will "
                    f"not be comparable to published ones", file=sys.stderr)
         return weights
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
-    error = None
+    path, error = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL)), None
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.isfile(path):  # one download per node
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -164,16 +156,13 @@ def weights_file(weights, flag="--weights"):
     if dist.is_initialized():
         dist.barrier()  # every rank waits for the download, and every rank fails alike without it
     if not os.path.isfile(path):
-        fail(f"the FID Inception weights could not be downloaded ({error or 'not found after the download'}); "
-             f"download {WEIGHTS_URL} on a machine with internet access and pass it with {flag} PATH (or put "
-             f"it at {path})")
+        fail(f"the FID Inception weights could not be downloaded ({error or 'not found after the download'}); download "
+             f"{WEIGHTS_URL} on a machine with internet access and pass it with {flag} PATH (or put it at {path})")
     return path
 
 
 def load_inception(weights=None, device="cpu", flag="--weights"):
-    """The FID Inception in eval mode on `device`. weights: None = the standard file (downloaded once into the torch
-    hub cache), a path = a local copy of it, "random" = random_state_dict() (tests and benchmarks). flag: the
-    caller's option for a local file, named in its messages."""
+    """The FID Inception, eval mode, on `device`; weights: None = the standard file, a path to a copy, or "random"."""
     net = FIDInception()
     if weights == "random":
         net.load_state_dict(random_state_dict(net))
@@ -192,29 +181,25 @@ def load_inception(weights=None, device="cpu", flag="--weights"):
 
 
 def tf_resize_bilinear(x, size=299):
-    """TF1 ResizeBilinear as in the ADM evaluator's graph (align_corners=False, no half-pixel centres, no
-    antialias): (B, H, W, C) float -> (B, size, size, C), with TF's float32 arithmetic in TF's order."""
+    """ADM's TF1 ResizeBilinear (no align_corners, half-pixel centres or antialias; TF's fp32 order), BHWC to size^2."""
     def along_dim1(t):  # TF's LegacyScaler source positions along dim 1, gathering whole contiguous slices
         n = t.shape[1]
         src = torch.arange(size, dtype=torch.float32, device=t.device) * (torch.tensor(float(n)) / size)
-        lower = t.index_select(1, src.floor().long())
-        upper = t.index_select(1, src.ceil().long().clamp(max=n - 1))
+        lower, upper = t.index_select(1, src.floor().long()), t.index_select(1, src.ceil().long().clamp(max=n - 1))
         return lower + (upper - lower) * (src - src.floor())[:, None, None]
     x = along_dim1(x.transpose(1, 2).contiguous())  # along W first, as TF: (B, size, H, C)
     return along_dim1(x.transpose(1, 2).contiguous())  # then along H: (B, size, size, C)
 
 
 def preprocess(images, device):
-    """uint8 (B, H, W, 3) array or tensor, or a list of (H, W, 3) arrays of any sizes -> (B, 3, 299, 299) float in
-    [-1, 1] on device: [0, 255] floats, TF1 bilinear resize, (x - 128) / 128 as the TF graph does."""
+    """uint8 (B, H, W, 3) array/tensor or list of (H, W, 3) arrays -> (B, 3, 299, 299) in [-1, 1], as TF's graph."""
     if isinstance(images, list):
         if len({im.shape for im in images}) > 1:  # mixed sizes (a folder): resize one by one
             return torch.cat([preprocess(im[None], device) for im in images])
         images = np.stack(images)
     x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images))  # a copy: memmaps are read-only
     x = ((tf_resize_bilinear(x.to(device).float()) - 128) / 128).permute(0, 3, 1, 2)  # channels_last strides
-    # oneDNN's NHWC convolutions are 1.4x faster on CPU; unmeasured on GPU, so the GPU gets the default layout
-    return x if x.device.type == "cpu" else x.contiguous()
+    return x if x.device.type == "cpu" else x.contiguous()  # oneDNN's NHWC convs: 1.4x on CPU; GPU: unmeasured
 
 
 @contextmanager
@@ -228,25 +213,38 @@ def exact_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def check_images(images, name):
-    if isinstance(images, ImageFolder):
-        return
-    if images.ndim != 4 or images.shape[-1] != 3 or not str(images.dtype).endswith("uint8"):
+def to_uint8(images01, mode="truncate"):
+    """(B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3) tensor on the same device: clamp(255x, 0, 255) truncated (as
+    released, and as the published FIDs were computed) or rounded (unbiased, +0.5/255 brighter on average)."""
+    scaled = (images01.float() * 255).clamp(0, 255)
+    return (scaled.round() if mode == "round" else scaled).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def rgb_image(image):
+    """An open PIL image as 8-bit RGB. 16-bit grey (I;16, I;16B, I;16L; I holding 16-bit data), which convert("RGB")
+    clips at 255, scales by 255/65535, rounded; PIL reads 16-bit RGB(A) PNG/TIFF as 8-bit (the high byte) itself."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        grey = np.rint(np.asarray(image, dtype=np.float64) * 255 / 65535).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
+
+
+def check_images(images, name):  # an ImageFolder reads every file as RGB uint8
+    if not isinstance(images, ImageFolder) and (images.ndim != 4 or images.shape[-1] != 3
+                                                or not str(images.dtype).endswith("uint8")):
         fail(f"{name} must be uint8 images of shape (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
 
 
 @torch.inference_mode()
 def inception_features(net, images, batch_size=250, show_progress=False):
-    """{"pool": (N, 2048), "logits": (N, 1008), "spatial": (N, 2023)} float32 tensors on the net's device for
-    uint8 NHWC images (array, tensor, memmap or ImageFolder); this process does all N (see gathered_features)."""
+    """{"pool": (N, 2048), "logits": (N, 1008), "spatial": (N, 2023)} float32 of uint8 NHWC images, all N here."""
     check_images(images, "the images")
     device = next(net.parameters()).device
     feats = {k: [torch.empty(0, d, device=device)] for k, d in DIMS.items()}
     with exact_fp32():
         for start in progress(range(0, len(images), batch_size), show_progress, "inception", "batch"):
             batch = images[start:start + batch_size]
-            if isinstance(batch, ImageFolder):
-                batch = batch.read()
+            batch = batch.read() if isinstance(batch, ImageFolder) else batch
             for k, v in net(preprocess(batch, device)).items():
                 feats[k].append(v)
     return {k: torch.cat(v) for k, v in feats.items()}
@@ -268,8 +266,7 @@ def gathered_features(net, images, batch_size):
 
 
 class ImageFolder:
-    """Image files under a folder (recursive, sorted). A slice is a lazy view (sharing .failed and the thread pool);
-    read() decodes its files in parallel to uint8 (H, W, 3) RGB arrays. Unreadable files are listed in .failed."""
+    """Image files under root (recursive, sorted). A slice is a lazy view; read() decodes it; failures go to .failed."""
     EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
     def __init__(self, root):
@@ -291,7 +288,7 @@ class ImageFolder:
     def read_file(self, path):
         try:
             with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
+                return np.asarray(rgb_image(im))
         except (OSError, ValueError, SyntaxError):  # PIL's errors for truncated, corrupt and non-image files
             self.failed.append(path)
             return np.zeros((299, 299, 3), np.uint8)  # a stand-in; statistics() stops after the pass
@@ -304,8 +301,7 @@ def npy_header(f):
 
 
 def npz_images(path, header_only=False):
-    """arr_0 of an ADM-style .npz: memory-mapped when stored uncompressed (np.savez), so ranks read only their share.
-    header_only: a zero-memory stand-in of its shape and dtype, read without decompressing anything."""
+    """arr_0 of an ADM .npz, memory-mapped if stored (ranks read their share); header_only: a zero-memory stand-in."""
     with zipfile.ZipFile(path) as zf:
         if "arr_0.npy" not in zf.namelist():
             fail(f"{path} has no arr_0 (uint8 N x H x W x 3 images) and no mu/sigma statistics")
@@ -329,6 +325,17 @@ def npz_images(path, header_only=False):
 # statistics and metrics
 
 
+def needs_images(names, path):
+    """Whether an .npz with these members is scored from arr_0 (mu needs sigma, mu_s sigma_s; a pool is no stats)."""
+    for first, second in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if (first in names) != (second in names):
+            held, lacking = (first, second) if first in names else (second, first)
+            fail(f"{path} holds {held} but no {lacking}; recompute the statistics: fid.py IMAGES --save_stats NEW.npz")
+    if "mu" not in names and "arr_0" not in names:
+        fail(f"{path} has no arr_0 (uint8 N x H x W x 3 images) and no mu/sigma statistics")
+    return "arr_0" in names and not ("mu" in names and "pool" in names)  # ADM's reference: arr_0 gives the pool
+
+
 def statistics(source, net, batch_size=250):
     """{"mu", "sigma", "mu_s", "sigma_s", "pool"} of a uint8 NHWC array/tensor, an .npz of images, a folder or a
     statistics .npz (returned as stored; pool3 features of its arr_0 are added, as ADM does for its reference)."""
@@ -345,11 +352,10 @@ def statistics(source, net, batch_size=250):
         else:
             try:
                 with np.load(source) as f:
-                    stats = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in f}
-                    has_images = "arr_0" in f
+                    stats, names = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in f}, f.files
             except (OSError, ValueError, zipfile.BadZipFile) as e:
                 fail(f"{source} cannot be read as an .npz ({type(e).__name__}); give an .npz, a folder or stats")
-            images = npz_images(source) if (has_images and "pool" not in stats) or not stats else None
+            images = npz_images(source) if needs_images(names, source) else None
     if images is None:
         return stats
     check_images(images, f"{source if isinstance(source, str) else 'the images'}: arr_0")
@@ -376,10 +382,8 @@ def statistics(source, net, batch_size=250):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) in float64. tr sqrt(S1 S2) is the sum of the square roots
-    of the eigenvalues of sqrt(S1) S2 sqrt(S1), a symmetric PSD matrix with the spectrum of S1 S2: ADM's
-    scipy.linalg.sqrtm number (4e-13 relative apart at 2048-d) about 5x faster, and stable when S1 S2 is singular
-    (fewer samples than dimensions), so there is no retry with 1e-6 I and no imaginary part to check."""
+    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) in float64, via the eigenvalues of PSD sqrt(S1) S2 sqrt(S1):
+    ADM's sqrtm number (4e-13 apart at 2048-d), 5x faster and stable for a singular S1 S2 (no 1e-6 I retry needed)."""
     mu1, sigma1, mu2, sigma2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         fail(f"the two sets of statistics have different dimensions (mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
@@ -396,25 +400,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         torch.set_num_threads(threads)
     scale = ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace()).item()
     value = scale - 2 * tr_covmean.item()
-    if -1e-4 * scale < value < 0:  # rounding of a distance that is 0 (a set against itself): report 0
-        return 0.0
-    return value
+    return 0.0 if -1e-4 * scale < value < 0 else value  # a rounded distance of 0 (a set against itself) reads 0
 
 
 def inception_score(logits, split_size=5000):
     """ADM's IS: exp(E KL(p(y|x) || p(y))) over consecutive splits of split_size, averaged. logits: (N, 1008)."""
     log_p = log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
-    scores = []
-    for start in range(0, len(log_p), split_size):
-        p = np.exp(log_p[start:start + split_size])
-        scores.append(np.exp(rel_entr(p, p.mean(0, keepdims=True)).sum(1).mean()))
-    return float(np.mean(scores))
+    splits = (np.exp(log_p[start:start + split_size]) for start in range(0, len(log_p), split_size))  # p(y|x)
+    return float(np.mean([np.exp(rel_entr(p, p.mean(0, keepdims=True)).sum(1).mean()) for p in splits]))
 
 
 @torch.inference_mode()
 def precision_recall(ref_feats, sample_feats, k=3, device="cpu", rows=4096):
-    """Kynkaanniemi et al. k-NN manifolds as in ADM: precision = share of samples inside some reference ball of
-    radius = distance to its k-th neighbour, recall = share of reference features inside some sample ball."""
+    """Kynkaanniemi et al.'s k-NN manifolds as in ADM: each set's balls reach its points' k-th nearest neighbours."""
     ref, smp = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (ref_feats, sample_feats))
     if ref.shape[1] != smp.shape[1]:
         fail(f"reference and sample features have different dimensions ({ref.shape[1]} vs {smp.shape[1]})")
@@ -428,20 +426,15 @@ def precision_recall(ref_feats, sample_feats, k=3, device="cpu", rows=4096):
     def inside(x, centres, r):
         return torch.cat([(sq_dists(x[i:i + rows], centres) <= r).any(1) for i in range(0, len(x), rows)])
 
-    with exact_fp32():
-        precision = inside(smp, ref, radii(ref)).double().mean().item()
-        recall = inside(ref, smp, radii(smp)).double().mean().item()
-    return precision, recall
+    with exact_fp32():  # precision: samples inside reference balls, then recall: references inside sample balls
+        return tuple(inside(a, b, radii(b)).double().mean().item() for a, b in ((smp, ref), (ref, smp)))
 
 
 def compute_metrics(samples, ref=None, net=None, batch_size=250):
-    """{"fid", "sfid", "is", "precision", "recall", "n"} (None where the inputs lack what a metric needs). samples
-    and ref: anything statistics() takes. net: a load_inception() net (default: the standard weights on this
-    process's GPU or the CPU). Under torchrun call it on every rank: the ranks share the feature extraction."""
+    """{"fid", "sfid", "is", "precision", "recall", "n"} (None: not computable) of statistics() inputs; all ranks."""
     if net is None:
         net = load_inception(device=f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    s = statistics(samples, net, batch_size)
-    r = statistics(ref, net, batch_size) if ref is not None else {}
+    s, r = statistics(samples, net, batch_size), statistics(ref, net, batch_size) if ref is not None else {}
     metrics = {"fid": None, "sfid": None, "is": None, "precision": None, "recall": None, "n": None}
     if "pool" in s:
         metrics["n"] = len(s["pool"])
@@ -451,9 +444,16 @@ def compute_metrics(samples, ref=None, net=None, batch_size=250):
     if "mu_s" in r and "mu_s" in s:
         metrics["sfid"] = frechet_distance(s["mu_s"], s["sigma_s"], r["mu_s"], r["sigma_s"])
     if "pool" in r and "pool" in s and min(len(r["pool"]), len(s["pool"])) > 3:  # k = 3 neighbours need 4 points
-        metrics["precision"], metrics["recall"] = precision_recall(r["pool"], s["pool"],
-                                                                   device=next(net.parameters()).device)
+        metrics["precision"], metrics["recall"] = precision_recall(r["pool"], s["pool"], device=net.fc.weight.device)
     return metrics
+
+
+def print_metrics(metrics):
+    """compute_metrics() as a table, then as one JSON line: the last line on stdout, for scripts (rank 0 only)."""
+    names = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall", "n": "images"}
+    for key, name in names.items():
+        print0(f"{name:<10} {'-' if metrics[key] is None else metrics[key] if key == 'n' else f'{metrics[key]:.4f}'}")
+    print0(json.dumps(metrics))
 
 
 # -----------------------------------------------------------------------------
@@ -461,8 +461,7 @@ def compute_metrics(samples, ref=None, net=None, batch_size=250):
 
 
 def check_source(path, what):
-    """Before the Inception pass: a folder with images, or a readable .npz of images (arr_0) or of statistics with
-    the Inception's dimensions; anything else is one sentence."""
+    """Before the Inception pass: a folder of images or a readable .npz of images (arr_0) or Inception-sized stats."""
     if os.path.isdir(path):
         if not ImageFolder(path).files:
             fail(f"{what} {path} holds no image files ({', '.join(ImageFolder.EXTENSIONS)})")
@@ -473,8 +472,7 @@ def check_source(path, what):
         fail(f"{what} {path} is not an .npz (images in arr_0, or mu/sigma statistics) nor a folder of images")
     try:
         with np.load(path) as f:
-            shapes = {k: f[k].shape for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f.files}
-            has_images = "arr_0" in f.files
+            shapes, names = {k: f[k].shape for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f.files}, f.files
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         fail(f"{what} {path} cannot be read as an .npz ({type(e).__name__})")
     want = {"mu": (DIMS["pool"],), "sigma": (DIMS["pool"],) * 2, "mu_s": (DIMS["spatial"],),
@@ -483,16 +481,13 @@ def check_source(path, what):
     if wrong:
         fail(f"{what} {path} holds statistics of other dimensions ({', '.join(wrong)}; FID Inception: mu "
              f"{want['mu']}, mu_s {want['mu_s']}); they come from another network")
-    if "mu" not in shapes:
-        if not has_images:
-            fail(f"{what} {path} has no arr_0 (uint8 N x H x W x 3 images) and no mu/sigma statistics")
+    if needs_images(names, f"{what} {path}"):
         check_images(npz_images(path, header_only=True), f"{what} {path}: arr_0")
 
 
 def bench(cfg, process, batches=4):
     """img/s of Inception feature extraction (TF resize to 299, fp32, TF32 off) on random 256 px uint8 images."""
-    net = load_inception("random", process.device)
-    per_rank = cfg.batch_size // process.world_size
+    net, per_rank = load_inception("random", process.device), cfg.batch_size // process.world_size
     images = torch.randint(0, 256, (batches * per_rank, 256, 256, 3), dtype=torch.uint8)
     with exact_fp32():
         flops = count_flops(lambda: net(preprocess(images[:1], process.device)))
@@ -516,6 +511,8 @@ def main():
         if path:
             check_source(path, what)
     if cfg.save_stats:
+        if not cfg.save_stats.endswith(".npz"):
+            fail(f"--save_stats {cfg.save_stats} must end in .npz, the only kind of statistics file --ref reads")
         check_output(cfg.save_stats, cfg.overwrite, inputs=(cfg.samples, cfg.ref, cfg.weights))
     process = Dist(cfg.device)
     if cfg.batch_size % process.world_size:
@@ -524,16 +521,15 @@ def main():
 
     net = load_inception(cfg.weights or None, process.device)
     stats = statistics(cfg.samples, net, cfg.batch_size // process.world_size)
-    if cfg.save_stats and process.master:
+
+    def save():  # check_output found the nearest existing folder writable, so the missing ones can be made
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.save_stats)), exist_ok=True)
         atomic_write(cfg.save_stats, lambda f: np.savez(f, **stats))
         print0(f"wrote {cfg.save_stats}")
-    metrics = compute_metrics(stats, cfg.ref or None, net, cfg.batch_size // process.world_size)
 
-    names = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall", "n": "images"}
-    for key, name in names.items():
-        value = metrics[key]
-        print0(f"{name:<10} {'-' if value is None else value if key == 'n' else f'{value:.4f}'}")
-    print0(json.dumps(metrics))
+    if cfg.save_stats:
+        process.run0(save)
+    print_metrics(compute_metrics(stats, cfg.ref or None, net, cfg.batch_size // process.world_size))
     process.teardown()
 
 

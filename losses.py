@@ -5,7 +5,7 @@ Sections (each marked with a banner):
   1. flow matching       timestep sampling and the velocity loss of the DiT
   2. LPIPS               VGG16 + the v0.1 linear calibration layers
   3. tokenizer losses    the structural target H_ref; GAN, SSR, MCR, SCR, the total PAE loss; the refine loss
-  4. diagnostics         LPC and GSQ of a latent space, SSIM of reconstructions
+  4. diagnostics         LPC, GSQ, SSC and eRank of a latent space, SSIM of reconstructions
 """
 
 import math
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.cluster.vq import kmeans2
 
 from model import fail, file_digest, notice
 
@@ -98,28 +99,20 @@ class LPIPS(nn.Module):
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
         if pretrained or vgg_weights:
-            self.vgg.load_state_dict(self._vgg_state(vgg_weights))
+            state = _load_weights(vgg_weights, VGG16_URL, VGG16_SHA256, "--lpips_vgg_weights", "VGG16 ImageNet weights")
+            self.vgg.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
         else:
             notice("LPIPS: random VGG16 weights (no pretrained weights requested): distances are not calibrated")
         if pretrained or lin_weights:
-            self.lins.load_state_dict(self._lin_state(lin_weights))
+            state = _load_weights(lin_weights, LPIPS_LIN_URL, LPIPS_LIN_SHA256, "--lpips_lin_weights",
+                                  "LPIPS v0.1 linear layers")
+            if any(f"lin{i}.model.1.weight" not in state for i in range(5)):
+                fail("the LPIPS linear-layer file lacks the lin<i>.model.1.weight tensors; it is not the v0.1 vgg.pth")
+            self.lins.load_state_dict({f"{i}.weight": state[f"lin{i}.model.1.weight"] for i in range(5)})
         self.requires_grad_(False).eval()
 
     def train(self, mode=True):  # frozen: always in eval mode
         return super().train(False)
-
-    @staticmethod
-    def _vgg_state(path):
-        state = _load_weights(path, VGG16_URL, VGG16_SHA256, "--lpips_vgg_weights", "VGG16 ImageNet weights for LPIPS")
-        return {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-
-    @staticmethod
-    def _lin_state(path):
-        state = _load_weights(path, LPIPS_LIN_URL, LPIPS_LIN_SHA256, "--lpips_lin_weights", "LPIPS v0.1 linear layers")
-        try:
-            return {f"{i}.weight": state[f"lin{i}.model.1.weight"] for i in range(5)}
-        except KeyError as e:
-            fail(f"the LPIPS linear-layer file lacks {e}; it is not the v0.1 vgg.pth")
 
     def features(self, images):
         """Unit-normalised (along channels) VGG16 features at the five LPIPS taps."""
@@ -158,19 +151,20 @@ def _joint_bilateral_up(features, guide, sigma_spatial=0.5, sigma_range=0.1, rad
     up = lambda x, dy, dx: x[..., cell[:, None] + radius + dy, cell[None, :] + radius + dx]  # nearest, shifted
     log_weights = torch.stack([
         up(valid, dy, dx).log()  # -inf outside the grid; the centre token is always inside
-        - ((pos[:, None] - cell[:, None] - dy) ** 2 + (pos[None, :] - cell[None, :] - dx) ** 2) / (2 * sigma_spatial ** 2)
+        - ((pos[:, None] - cell[:, None] - dy) ** 2 + (pos[None, :] - cell[None, :] - dx) ** 2)
+        / (2 * sigma_spatial ** 2)
         - (guide - up(colours, dy, dx)).pow(2).sum(1, keepdim=True) / (2 * sigma_range ** 2) for dy, dx in offsets])
     weights = torch.softmax(log_weights, dim=0)  # normalised in log space: no 0/0 when every exp underflows
     return sum(w * up(feats, dy, dx) for w, (dy, dx) in zip(weights, offsets))
 
 
-def _structural_mixing(images01, g, upsample, lowpass):
+def _structural_mixing(images01, g, upsample, lowpass, sigmas):
     """(b, N, N) matrix taking the g x g tokens to H_ref for each image (see structural_target)."""
     b, N, s = len(images01), g * g, max(1, images01.shape[-1] // g)  # s: pixels per token
     guide = F.interpolate(images01, size=s * g, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
     eye = torch.eye(N, device=images01.device).view(1, N, g, g).expand(b, -1, -1, -1)
     if upsample == "bilateral":
-        up = _joint_bilateral_up(eye, guide)
+        up = _joint_bilateral_up(eye, guide, *sigmas)
     else:
         up = F.interpolate(eye, size=s * g, mode="bilinear", align_corners=False)
     if lowpass > 0:  # separable Gaussian blur, sigma = lowpass tokens = lowpass * s pixels
@@ -186,7 +180,7 @@ def _structural_mixing(images01, g, upsample, lowpass):
 
 
 @torch.no_grad()
-def structural_target(images01, vfm_tokens, upsample="bilateral", lowpass=0.4):
+def structural_target(images01, vfm_tokens, upsample="bilateral", lowpass=0.4, sigmas=(0.5, 0.1)):
     """H_ref (B, N, W): VFM tokens up-sampled to the image resolution (256 px: 16 px per token) guided
     by the image, low-pass filtered, bilinear down to the token grid. The low-pass is a Gaussian blur with sigma =
     lowpass tokens (0.4 * 16 = 6.4 px at 256 px). The whole map is linear in the tokens, so we push the identity
@@ -198,9 +192,9 @@ def structural_target(images01, vfm_tokens, upsample="bilateral", lowpass=0.4):
         if upsample == "bilinear":  # no image guidance: one matrix for every image, computed once per shape
             key = (g, tuple(images01.shape[-2:]), lowpass, str(images01.device))
             if key not in _BILINEAR_MIXING:
-                _BILINEAR_MIXING[key] = _structural_mixing(images01[:1].float(), g, upsample, lowpass)[0]
+                _BILINEAR_MIXING[key] = _structural_mixing(images01[:1].float(), g, upsample, lowpass, sigmas)[0]
             return _BILINEAR_MIXING[key] @ vfm_tokens.float()
-        mixing = [_structural_mixing(chunk, g, upsample, lowpass) for chunk in images01.float().split(8)]
+        mixing = [_structural_mixing(chunk, g, upsample, lowpass, sigmas) for chunk in images01.float().split(8)]
         return torch.cat(mixing) @ vfm_tokens.float()  # chunks of 8 images bound memory: (8, N, 256, 256)
 
 
@@ -224,11 +218,12 @@ def ssr_loss(latent_tokens, target_tokens):
     return (gram(latent_tokens) - gram(target_tokens)).pow(2).mean()
 
 
-def scr_loss(latent_tokens, target_tokens):
-    """Semantic consistency: (1 - cos(GAP(z), GAP(Z_T))) + mean_i(1 - cos(z_i, Z_T,i)); 0 aligned, 4 opposite."""
+def scr_loss(latent_tokens, target_tokens, mode="full"):
+    """Semantic consistency: (1 - cos(GAP(z), GAP(Z_T))) + mean_i(1 - cos(z_i, Z_T,i)); 0 aligned, 4 opposite.
+    mode: full (both terms, the paper's), pooled (the first only) or patch (the second only)."""
     z, t = latent_tokens.float(), target_tokens.float()
-    pooled = 1 - F.cosine_similarity(z.mean(1), t.mean(1), dim=-1).mean()
-    return pooled + (1 - F.cosine_similarity(z, t, dim=-1)).mean()
+    pooled = 1 - F.cosine_similarity(z.mean(1), t.mean(1), dim=-1).mean() if mode != "patch" else 0
+    return pooled + ((1 - F.cosine_similarity(z, t, dim=-1)).mean() if mode != "pooled" else 0)
 
 
 def l1_lpips(pred, target, lpips_net):
@@ -245,11 +240,11 @@ def mcr_loss(recon, rotated, lpips_net):
 
 
 def pae_loss(out, images01, lpips_net, refiner=None, disc=None, l1=1.0, lpips=1.0, gan=0.5, ssr=0.2, mcr=0.5,
-             scr=1.0, upsample="bilateral", lowpass=0.4):
-    """Total tokenizer loss from out = pae(images01, thetas_deg=(42.5, 85.0)) -> (total, parts). The GAN
-    term is on only when a discriminator is passed (after disc_start); SCR needs the frozen refiner (P_t); a zero
-    weight skips its term (lpips=0 also inside MCR, which then compares by L1 alone, and lpips_net may be None).
-    parts: the unweighted terms, detached fp32 scalars for the log."""
+             scr=1.0, kl=0.0, h_ref=None, ssr_target="h_ref", scr_mode="full"):
+    """Total tokenizer loss from out = pae(images01, thetas_deg) -> (total, parts: the unweighted terms, detached).
+    GAN only with a discriminator (after disc_start); SCR needs the frozen P_t (refiner.target); a zero weight skips
+    its term (lpips=0 inside MCR too). h_ref: structural_target's settings; ssr_target: h_ref, or z_t (the paper's
+    equation); kl: the weight of out["kl"] (the kl ablation)."""
     x, recon = images01.float() * 2 - 1, out["recon"].float() * 2 - 1
     parts = {"l1": (recon - x).abs().mean()}
     if lpips:
@@ -257,27 +252,31 @@ def pae_loss(out, images01, lpips_net, refiner=None, disc=None, l1=1.0, lpips=1.
     if gan and disc is not None:
         parts["gan"] = -disc(recon).float().mean()
     latent_tokens = out["latent"].flatten(2).transpose(1, 2)  # (B, N, 32)
+    if (scr or ssr and ssr_target == "z_t") and refiner is None:
+        fail("the SCR loss (and SSR against Z_T) needs the target network P_t: pass the refine-stage checkpoint")
+    with torch.no_grad():
+        z_t = refiner.target(out["vfm_tokens"]) if refiner is not None else None  # (B, N, 32)
     if ssr:
-        parts["ssr"] = ssr_loss(latent_tokens, structural_target(images01, out["vfm_tokens"], upsample, lowpass))
+        target = z_t if ssr_target == "z_t" else structural_target(images01, out["vfm_tokens"], **(h_ref or {}))
+        parts["ssr"] = ssr_loss(latent_tokens, target)
     if mcr:
         if not out["rotated"]:
             fail("the MCR loss needs the rotated decodings: call pae(images, thetas_deg=(42.5, 85.0))")
         parts["mcr"] = mcr_loss(recon, [r.float() * 2 - 1 for r in out["rotated"]], lpips_net if lpips else None)
     if scr:
-        if refiner is None:
-            fail("the SCR loss needs the refined target network P_t: pass the refine-stage checkpoint")
-        with torch.no_grad():
-            z_t = refiner.target(out["vfm_tokens"])
-        parts["scr"] = scr_loss(latent_tokens, z_t)
-    weights = {"l1": l1, "lpips": lpips, "gan": gan, "ssr": ssr, "mcr": mcr, "scr": scr}
+        parts["scr"] = scr_loss(latent_tokens, z_t, scr_mode)
+    if kl:
+        parts["kl"] = out["kl"].mean()
+    weights = {"l1": l1, "lpips": lpips, "gan": gan, "ssr": ssr, "mcr": mcr, "scr": scr, "kl": kl}
     total = sum(weights[name] * value for name, value in parts.items())
     return total, {name: value.detach() for name, value in parts.items()}
 
 
 def refine_loss(refiner, vfm_tokens, H_ref, gram_weight):
-    """L_refine = ||Q_t(P_t(H)) - H||^2 (mean) + gram_weight * mean((Gram(Z_T) - Gram(H_ref))^2) ."""
-    z_t = refiner.target(vfm_tokens)
-    rec = (refiner.reconstruct(z_t).float() - vfm_tokens.float()).pow(2).mean()
+    """L_refine = ||Q_t(P_t(H)) - H||^2 (mean) + gram_weight * mean((Gram(Z_T) - Gram(H_ref))^2); refiner(tokens)
+    -> (Z_T, H_hat), so a DDP wrapper of the refiner syncs its gradients."""
+    z_t, h_hat = refiner(vfm_tokens)
+    rec = (h_hat.float() - vfm_tokens.float()).pow(2).mean()
     structure = ssr_loss(z_t, H_ref)
     return rec + gram_weight * structure, {"rec": rec.detach(), "gram": structure.detach()}
 
@@ -334,3 +333,38 @@ def gsq(pooled, labels, classes_per_draw=100, draws=5, seed=0):
         sim.fill_diagonal_(-math.inf)
         scores.append((labels[keep][sim.argmax(1)] == labels[keep]).float().mean().item())
     return float(np.mean(scores)), float(np.std(scores))
+
+
+@torch.no_grad()
+def ssc(latents, masks, sigma=0.1, clusters=0):
+    """Spatial structure coherence (higher is better): latents (B, C, H, W), object labels (B, H', W') -> mean NMI
+    in [0, 1]. Per image: l2-normalised tokens, affinity exp(<z_i, z_j> / sigma), zero diagonal; normalised spectral
+    clustering (Ng, Jordan, Weiss) into `clusters` (0: the image's object count); NMI I(y; c) / sqrt(H(y) H(c))
+    against the labels down-sampled (nearest) to the token grid. Single-object images are left out (all: NaN)."""
+    tokens = F.normalize(latents.double().flatten(2).transpose(1, 2), dim=-1)  # (B, N, C)
+    labels = F.interpolate(masks[:, None].double(), size=latents.shape[-2:], mode="nearest").flatten(1)  # (B, N)
+    scores = []
+    for z, y in zip(tokens, labels):
+        y = y.unique(return_inverse=True)[1]
+        k = clusters or int(y.max()) + 1
+        if y.max() == 0:
+            continue
+        affinity = torch.exp(z @ z.T / sigma).fill_diagonal_(0)
+        scale = affinity.sum(1).rsqrt()
+        embedding = F.normalize(torch.linalg.eigh(scale[:, None] * affinity * scale)[1][:, -k:], dim=1)  # top k
+        assign = torch.from_numpy(kmeans2(embedding.numpy(), k, minit="++", seed=0)[1]).long()  # k-means, seeded
+        joint = torch.zeros(int(y.max()) + 1, k, dtype=torch.float64).index_put_(
+            (y, assign), torch.ones(len(y), dtype=torch.float64), accumulate=True) / len(y)
+        p_y, p_c = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+        entropy = lambda p: -(p[p > 0] * p[p > 0].log()).sum()  # noqa: E731
+        info = (joint[joint > 0] * (joint / (p_y * p_c))[joint > 0].log()).sum()
+        scores.append((info / (entropy(p_y) * entropy(p_c)).sqrt().clamp_min(1e-12)).item())
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+@torch.no_grad()
+def erank(features):
+    """Effective rank of features (N, C) over C, in (0, 1]: exp of the entropy of the normalised singular values."""
+    s = torch.linalg.svdvals(features.double())
+    p = s[s > 0] / s.sum()
+    return float(torch.exp(-(p * p.log()).sum()) / features.shape[1])

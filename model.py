@@ -21,8 +21,10 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
@@ -39,9 +41,8 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 
 def sincos_2d(dim, grid):
-    """Fixed 2-D sin-cos position embedding (grid*grid, dim), rows in raster order: the first half codes the column,
-    the second half the row, each as [sin | cos] with frequencies 1/10000^(i/(dim/4)) (the released MAE-style
-    tables of LightningDiT, the DAM and the decoder)."""
+    """Fixed 2-D sin-cos position embedding (grid*grid, dim), raster order: first half the column, second half the
+    row, each [sin | cos] at frequencies 1/10000^(i/(dim/4)) (the released tables of LightningDiT, DAM, decoder)."""
     assert dim % 4 == 0, "sin-cos embedding width must be divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     pos = torch.arange(grid, dtype=torch.float64)
@@ -280,15 +281,23 @@ class VFM(nn.Module):
         self.width, self.heads, self.patch = net.embed_dim, net.blocks[0].attn.num_heads, net.patch_embed.patch_size[0]
         self.grid = self.input_size // self.patch
         net.norm = nn.LayerNorm(self.width, eps=net.norm.eps, elementwise_affine=False)  # as released: no affine
-        self.net = net.requires_grad_(False).eval()
+        self.net, self.trainable = net.requires_grad_(False).eval(), False
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    def train(self, mode=True):  # always in eval mode, whatever the parent does
+    def trainable_(self, trainable=True):
+        """Fine-tuned (the train_vfm ablation): gradients, and its weights in the PAE's checkpoint."""
+        self.trainable = trainable
+        self.net.requires_grad_(trainable)
+        return self
+
+    def train(self, mode=True):  # always in eval mode, whatever the parent does (the ViTs have no dropout)
         return super().train(False)
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        """The frozen weights come from their pretrained source (or a fixed seed), never from a PAE checkpoint."""
+        """Frozen weights come from their pretrained source (or a fixed seed), never from a PAE checkpoint."""
+        if self.trainable:
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         return {} if destination is None else destination
 
     def preprocess(self, images01):
@@ -297,9 +306,9 @@ class VFM(nn.Module):
             images01 = F.interpolate(images01, size=self.input_size, mode="bicubic", align_corners=False)  # as released
         return (images01 - self.mean) / self.std
 
-    @torch.no_grad()
     def forward(self, images01):
-        tokens = self.net.forward_features(self.preprocess(images01))
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            tokens = self.net.forward_features(self.preprocess(images01))
         return tokens[:, self.net.num_prefix_tokens:].float()  # (B, N, W), class and register tokens dropped
 
 
@@ -321,38 +330,56 @@ class DAMBlock(nn.Module):
 
 
 class DAM(nn.Module):
-    """Detail-Aware Modulator: pixel tokens attend to the VFM tokens; SFT fusion, zero at init.
-    Module initialisation is PyTorch's default, as released, except the zero SFT head and the fixed table."""
+    """Detail-Aware Modulator: pixel tokens attend to the VFM tokens, then a fusion head (the release's fusion_mode)
+    on the block output x, with no norm before it: sft LayerNorm(H_vfm * (1 + gamma) + beta), [gamma, beta] =
+    Linear(x) (the paper's); add LayerNorm(H_vfm + Linear(x)); concat LayerNorm(Linear([H_vfm, x])). The LayerNorm is
+    affine; the sft and add heads start at zero, so H_z = LayerNorm(H_vfm) at init. Otherwise PyTorch's default
+    initialisation, as released."""
 
-    def __init__(self, width, heads, patch, grid, depth=6):
+    def __init__(self, width, heads, patch, grid, depth=6, fusion="sft"):
         super().__init__()
+        self.fusion = fusion
         self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
         self.pos_embed = nn.Parameter(sincos_2d(width, grid)[None], requires_grad=False)
         self.blocks = nn.ModuleList([DAMBlock(width, heads) for _ in range(depth)])
-        self.sft = nn.Linear(width, 2 * width)  # on the block output directly, no norm before it (as released)
-        self.norm = nn.LayerNorm(width)  # H_z = LayerNorm(H_vfm * (1 + gamma) + beta), affine
-        nn.init.zeros_(self.sft.weight)  # gamma = beta = 0 at init, so H_z = LayerNorm(H_vfm)
-        nn.init.zeros_(self.sft.bias)
+        head = nn.Linear((1 + (fusion == "concat")) * width, (1 + (fusion == "sft")) * width)
+        setattr(self, "sft" if fusion == "sft" else "fuse", head)  # the names the release's modes map onto
+        self.norm = nn.LayerNorm(width)
+        if fusion != "concat":
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
 
     def forward(self, pixels, vfm_tokens):
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, W)
         for block in self.blocks:
-            x = block(x, vfm_tokens)
-        gamma, beta = self.sft(x).chunk(2, dim=-1)
-        return self.norm(vfm_tokens * (1 + gamma) + beta)  # H_z (B, N, W)
+            x = block(x, vfm_tokens)  # (B, N, W)
+        if self.fusion == "sft":
+            gamma, beta = self.sft(x).chunk(2, dim=-1)  # (B, N, W) each
+            return self.norm(vfm_tokens * (1 + gamma) + beta)  # H_z (B, N, W)
+        fused = self.fuse(x) + vfm_tokens if self.fusion == "add" else self.fuse(torch.cat([vfm_tokens, x], dim=-1))
+        return self.norm(fused)  # H_z (B, N, W)
 
 
 class Projector(nn.Module):
-    """H_z (B, N, W) -> attention (no qkv bias, no residual) -> 3x3 conv W -> 32 -> sphere: latent (B, 32, g, g)."""
+    """H_z (B, N, W) -> attention (no qkv bias, no residual) -> 3x3 conv W -> 32 -> sphere: latent (B, 32, g, g).
+    kl: the conv gives 2 x 32 channels, the mean and log-variance of a diagonal Gaussian (log-variance clamped to
+    [-30, 20], KL to N(0, I) summed per image, as the release's DiagonalGaussianDistribution); the latent is the sphere
+    of a sample (training) or of the mean [our reading: sampled before the sphere]."""
 
-    def __init__(self, width, heads, grid):
+    def __init__(self, width, heads, grid, kl=False):
         super().__init__()
-        self.grid, self.attn = grid, Attention(width, heads, qkv_bias=False)
-        self.conv = nn.Conv2d(width, LATENT_CHANNELS, 3, padding=1)
+        self.grid, self.kl, self.attn = grid, kl, Attention(width, heads, qkv_bias=False)
+        self.conv = nn.Conv2d(width, LATENT_CHANNELS * (1 + kl), 3, padding=1)
 
-    def forward(self, h_z):
+    def forward(self, h_z, sample=False):
+        """-> (latent (B, 32, g, g), KL (B,) or None)."""
         x = self.attn(h_z).transpose(1, 2).unflatten(2, (self.grid, self.grid))  # (B, W, g, g)
-        return sphere(self.conv(x))
+        if not self.kl:
+            return sphere(self.conv(x)), None
+        mean, logvar = self.conv(x).float().chunk(2, dim=1)  # (B, 32, g, g) each
+        logvar = logvar.clamp(-30.0, 20.0)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum((1, 2, 3))  # (B,)
+        return sphere(mean + (0.5 * logvar).exp() * torch.randn_like(mean) if sample else mean), kl
 
 
 class Deprojector(nn.Module):
@@ -392,26 +419,33 @@ class ViTDecoder(nn.Module):
 
 
 class PAE(nn.Module):
-    """Prior-Aligned AutoEncoder: frozen VFM + DAM -> spherical latent (B, 32, 16, 16) -> ViT decoder -> image."""
+    """Prior-Aligned AutoEncoder: frozen VFM + DAM -> spherical latent (B, 32, 16, 16) -> ViT decoder -> image.
+    Ablations: fusion (the DAM's head), train_vfm (no DAM: the fine-tuned VFM's tokens go to the projector, as in the
+    release without its DAM), kl (a diagonal-Gaussian posterior on the latent)."""
 
-    def __init__(self, vfm, dec_dim, dec_depth, dec_heads, dec_hidden, image_size=None, dam_depth=6):
+    def __init__(self, vfm, dec_dim, dec_depth, dec_heads, dec_hidden, image_size=None, dam_depth=6, fusion="sft",
+                 train_vfm=False, kl=False):
         super().__init__()
         W, heads, g = vfm.width, vfm.heads, vfm.grid  # DAM, projector and deprojector: the VFM's width and heads
         self.image_size = image_size or 16 * g  # 256 px for the paper's 16x16 grid
-        self.vfm = vfm
-        self.dam = DAM(W, heads, vfm.patch, g, dam_depth)
-        self.projector = Projector(W, heads, g)
+        self.vfm = vfm.trainable_(train_vfm)
+        self.dam = None if train_vfm else DAM(W, heads, vfm.patch, g, dam_depth, fusion)
+        self.projector = Projector(W, heads, g, kl)
         self.deprojector = Deprojector(W, heads)
         self.decoder = ViTDecoder(W, dec_dim, dec_depth, dec_heads, dec_hidden, g, self.image_size // g)
 
     def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]  # not the VFM, not the fixed sin-cos tables
+        return [p for p in self.parameters() if p.requires_grad]  # not a frozen VFM, not the fixed sin-cos tables
 
-    def encode(self, images01, vfm_tokens=None):
+    def encode(self, images01, vfm_tokens=None, sample=False):
         """images01 (B, 3, H, W) in [0, 1] -> latent (B, 32, g, g); pass vfm_tokens if already computed."""
+        return self.posterior(images01, vfm_tokens, sample)[0]
+
+    def posterior(self, images01, vfm_tokens=None, sample=False):
+        """(latent (B, 32, g, g), KL (B,) or None): encode, with the KL of the kl ablation."""
         vfm_tokens = self.vfm(images01) if vfm_tokens is None else vfm_tokens  # (B, N, W), N = g*g
-        h_z = self.dam(self.vfm.preprocess(images01), vfm_tokens)  # (B, N, W)
-        return self.projector(h_z)  # (B, 32, g, g), every token on the sqrt(32) sphere
+        h_z = vfm_tokens if self.dam is None else self.dam(self.vfm.preprocess(images01), vfm_tokens)  # (B, N, W)
+        return self.projector(h_z, sample)  # (B, 32, g, g), every token on the sqrt(32) sphere; (B,)
 
     def decode(self, latent):
         """latent (B, 32, g, g) -> images (B, 3, image_size, image_size) in [0, 1] (not clamped)."""
@@ -422,13 +456,13 @@ class PAE(nn.Module):
         """One training pass (one DDP call): the clean decoding and, for MCR, the decodings of the latent rotated
         by each theta along one shared direction, all in one decoder batch."""
         vfm_tokens = self.vfm(images01)  # (B, N, W)
-        latent = self.encode(images01, vfm_tokens)  # (B, 32, g, g)
+        latent, kl = self.posterior(images01, vfm_tokens, sample=True)  # (B, 32, g, g), (B,) or None
         latents = torch.cat([latent, *mcr_rotate(latent, thetas_deg)])  # (B * (1 + len(thetas)), 32, g, g)
         decoded = self.decode(latents).chunk(1 + len(thetas_deg))  # 1 + len(thetas) x (B, 3, S, S)
-        return {"vfm_tokens": vfm_tokens, "latent": latent, "recon": decoded[0], "rotated": list(decoded[1:])}
+        return {"vfm_tokens": vfm_tokens, "latent": latent, "recon": decoded[0], "rotated": list(decoded[1:]), "kl": kl}
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        """Checkpoints hold no VFM weights (see VFM.state_dict), so those keys are not missing."""
+        """Checkpoints hold no frozen VFM's weights (see VFM.state_dict), so those keys are not missing."""
         missing, unexpected = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in missing if not k.startswith("vfm.")]
         if strict and (missing or unexpected):
@@ -458,6 +492,10 @@ class PriorRefiner(nn.Module):
     def target(self, vfm_tokens):  # (B, N, W) -> Z_T (B, N, 32), norm sqrt(32) per token
         return sphere(self.target_out(self.target_block(sphere(vfm_tokens, dim=-1))), dim=-1)
 
+    def forward(self, vfm_tokens):  # (B, N, W) -> Z_T (B, N, 32), H_hat (B, N, W)
+        z_t = self.target(vfm_tokens)
+        return z_t, self.reconstruct(z_t)
+
     def reconstruct(self, z_t):  # (B, N, 32) -> H_hat (B, N, W)
         x = self.recon_in(z_t)
         for block in self.recon_blocks:
@@ -470,16 +508,17 @@ class PriorRefiner(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """3-layer PatchGAN (pix2pix): images in [-1, 1] (B, 3, H, W) -> logits (B, 1, h, w). GroupNorm instead of
-    BatchNorm [our reading], so results do not depend on the per-GPU batch."""
+    """PatchGAN (pix2pix) of `layers` strided layers: images in [-1, 1] (B, 3, H, W) -> logits (B, 1, h, w). norm:
+    group (our reading: results do not depend on the per-GPU batch) or batch (pix2pix and taming's)."""
 
-    def __init__(self, channels=64, layers=3):
+    def __init__(self, channels=64, layers=3, norm="group"):
         super().__init__()
         mods, c = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
         for i in range(1, layers + 1):
             c_out = channels * min(2 ** i, 8)
             mods += [nn.Conv2d(c, c_out, 4, 2 if i < layers else 1, 1, bias=False),
-                     nn.GroupNorm(min(32, c_out // 4), c_out), nn.LeakyReLU(0.2)]
+                     nn.GroupNorm(min(32, c_out // 4), c_out) if norm == "group" else nn.BatchNorm2d(c_out),
+                     nn.LeakyReLU(0.2)]
             c = c_out
         self.net = nn.Sequential(*mods, nn.Conv2d(c, 1, 4, 1, 1))
 
@@ -539,10 +578,9 @@ def _check_converted(converted, origin, expected, path, what):
     extra = [origin[k] for k in converted if k not in expected]
     wrong = [f"{origin[k]} {tuple(v.shape)} (needs {tuple(expected[k].shape)})" for k, v in converted.items()
              if k in expected and v.shape != expected[k].shape]
-    if missing or extra or wrong:
-        problems = ([f"no tensor for our {', '.join(missing[:3])}"] if missing else []) + \
-                   ([f"unused tensors {', '.join(extra[:3])}"] if extra else []) + \
-                   ([f"wrong shapes {', '.join(wrong[:3])}"] if wrong else [])
+    problems = [f"{kind} {', '.join(items[:3])}" for kind, items in (("no tensor for our", missing), (
+        "unused tensors", extra), ("wrong shapes", wrong)) if items]
+    if problems:
         fail(f"{path} does not convert into the released {what} architecture: {'; '.join(problems)}")
 
 
@@ -707,15 +745,14 @@ def build_pae(vfm="dinov2", decoder="L", pretrained=True, preset=None, vfm_weigh
 
 
 def pae_from_checkpoint(path, device="cpu", decode_only=False):
-    """PAE in eval mode from a 'pae' checkpoint (ours, or the authors' released file): architecture from its
-    pae_args, raw (non-EMA) weights as the released code extracts latents with. The VFM weights come from the
-    file when it carries them (a released file may), else from their pretrained source. decode_only=True skips
-    the VFM weights, which decoding never uses (sample.py); such a PAE must not encode."""
+    """PAE in eval mode from a 'pae' checkpoint (ours, or the authors' released file): pae_args, raw (non-EMA)
+    weights as the release encodes with; VFM weights from the file if it has them, else from their pretrained source
+    (decode_only: none, as decoding never uses them; such a PAE must not encode)."""
     ckpt = load_checkpoint(path, "pae", _convert_released_pae)
     if "pae_args" not in ckpt:
         fail(f"checkpoint {path} has no 'pae_args' entry; it was not written by train_ae.py --stage ae")
     vfm_state = None if decode_only else ckpt.get("vfm")
-    pae = build_pae(**ckpt["pae_args"], pretrained=not decode_only and vfm_state is None)
+    pae = build_pae(**ckpt["pae_args"], pretrained=not (decode_only or vfm_state or ckpt["pae_args"].get("train_vfm")))
     try:
         pae.load_state_dict(ckpt["model"])
         if vfm_state is not None:
@@ -725,17 +762,18 @@ def pae_from_checkpoint(path, device="cpu", decode_only=False):
     return pae.to(device).eval()
 
 
+_DAM_LAYER = {"self_attn.qkv": "self_attn.{q,k,v}", "self_attn.proj": "self_attn.proj", "cross_attn.q_proj":
+              "cross_attn.q", "cross_attn.k_proj": "cross_attn.k", "cross_attn.v_proj": "cross_attn.v",
+              "cross_attn.proj": "cross_attn.proj", "norm1": "norm1", "norm2_q": "norm2", "norm2_kv": "norm_vfm",
+              "norm3": "norm3", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2"}  # the release's DeltaEncoder layer -> DAMBlock
+_DECODER_LAYER = {"layernorm_before": "norm1", "attention.attention.query": "attn.q", "attention.attention.key":
+                  "attn.k", "attention.attention.value": "attn.v", "attention.output.dense": "attn.proj",
+                  "layernorm_after": "norm2", "intermediate.dense": "mlp.0", "output.dense": "mlp.2"}  # ViT-MAE's
 RELEASED_PAE_RULES = [
     (r"delta_encoder\.patch_embed\.proj\.(.+)", r"dam.patch_embed.\1"),
     (r"delta_encoder\.pos_embed", "dam.pos_embed"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"self_attn\.qkv\.(.+)", r"dam.blocks.\1.self_attn.{q,k,v}.\2"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"(self|cross)_attn\.proj\.(.+)", r"dam.blocks.\1.\2_attn.proj.\3"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"cross_attn\.([qkv])_proj\.(.+)", r"dam.blocks.\1.cross_attn.\2.\3"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"(norm1|norm3)\.(.+)", r"dam.blocks.\1.\2.\3"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"norm2_q\.(.+)", r"dam.blocks.\1.norm2.\2"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"norm2_kv\.(.+)", r"dam.blocks.\1.norm_vfm.\2"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"mlp\.fc1\.(.+)", r"dam.blocks.\1.mlp.0.\2"),
-    (r"delta_encoder\.layers\." + _BLOCK + r"mlp\.fc2\.(.+)", r"dam.blocks.\1.mlp.2.\2"),
+    *[(r"delta_encoder\.layers\." + _BLOCK + re.escape(k) + r"\.(.+)", rf"dam.blocks.\1.{v}.\2")
+      for k, v in _DAM_LAYER.items()],
     (r"delta_encoder\.fusion_proj\.(.+)", r"dam.sft.\1"),
     (r"delta_encoder\.final_ln\.(.+)", r"dam.norm.\1"),
     (r"latent_compressor\.0\.qkv\.(.+)", r"projector.attn.{q,k,v}.\1"),
@@ -747,14 +785,8 @@ RELEASED_PAE_RULES = [
     (r"decoder\.decoder_embed\.(.+)", r"decoder.embed.\1"),
     (r"decoder\.decoder_pos_embed", "decoder.pos_embed"),
     (r"decoder\.trainable_cls_token", "decoder.cls_token"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"layernorm_before\.(.+)", r"decoder.blocks.\1.norm1.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.attention\.query\.(.+)", r"decoder.blocks.\1.attn.q.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.attention\.key\.(.+)", r"decoder.blocks.\1.attn.k.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.attention\.value\.(.+)", r"decoder.blocks.\1.attn.v.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"attention\.output\.dense\.(.+)", r"decoder.blocks.\1.attn.proj.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"layernorm_after\.(.+)", r"decoder.blocks.\1.norm2.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"intermediate\.dense\.(.+)", r"decoder.blocks.\1.mlp.0.\2"),
-    (r"decoder\.decoder_layers\." + _BLOCK + r"output\.dense\.(.+)", r"decoder.blocks.\1.mlp.2.\2"),
+    *[(r"decoder\.decoder_layers\." + _BLOCK + re.escape(k) + r"\.(.+)", rf"decoder.blocks.\1.{v}.\2")
+      for k, v in _DECODER_LAYER.items()],
     (r"decoder\.decoder_norm\.(.+)", r"decoder.norm.\1"),
     (r"decoder\.decoder_pred\.(.+)", r"decoder.head.\1"),
 ]
@@ -772,10 +804,9 @@ RELEASED_DINOV2_RULES = [  # Hugging Face Dinov2WithRegistersModel (transformers
 
 
 def convert_released_dinov2(state, vfm, path="the released file"):
-    """Hugging Face Dinov2WithRegistersModel weights (transformers 4 or 5 key names) -> the state dict of our
-    timm VFM `vfm` (built, e.g. on meta), so both compute the same patch tokens. HF adds position row 0 to the
-    class token and resamples the 37x37 patch rows to the token grid at run time (bicubic, antialias, fp32); timm
-    holds patch rows only, computed here once the same way. The mask token is HF-only and unused."""
+    """Hugging Face Dinov2WithRegistersModel weights (transformers 4 or 5 names) -> the state dict of our timm VFM
+    `vfm`, computing the same tokens: HF adds position row 0 to the class token and resamples the 37x37 patch rows
+    to the grid at run time (bicubic, antialias, fp32); timm holds patch rows, resampled here once the same way."""
     state = {k: v for k, v in state.items() if k != "embeddings.mask_token"}
     table, cls = state.pop("embeddings.position_embeddings", None), state.pop("embeddings.cls_token", None)
     if table is None or cls is None:
@@ -820,22 +851,29 @@ def _convert_released_pae(ckpt, path):
              f"decoder preset ({', '.join(DECODER_PRESETS)})")
     grid = math.isqrt(state["delta_encoder.pos_embed"].shape[1])
     dec_patch = math.isqrt(state["decoder.decoder_pred.weight"].shape[0] // 3)
+    head = tuple(state.get("delta_encoder.fusion_proj.weight", torch.empty(0)).shape)  # its shape tells the mode
+    fusion = {(2 * width, width): "sft", (width, width): "add", (width, 2 * width): "concat"}.get(head)
+    if fusion is None:
+        fail(f"{path}: the released DAM's fusion head has shape {head}; only the modes sft, add and concat convert")
     pae_args = dict(vfm=vfm_name, decoder=name, vfm_weights=None, image_size=grid * dec_patch,
-                    dam_depth=layers("delta_encoder.layers."))
+                    dam_depth=layers("delta_encoder.layers."), **({} if fusion == "sft" else {"fusion": fusion}))
     with torch.device("meta"):
         pae = build_pae(**pae_args, pretrained=False)
     converted, origin = _convert(state, RELEASED_PAE_RULES, path, "PAE")
+    for key in [k for k in converted if k.startswith("dam.sft.") and fusion != "sft"]:  # add, concat: dam.fuse
+        fuse = key.replace(".sft.", ".fuse.")
+        converted[fuse], origin[fuse] = converted.pop(key), origin[key]
     _check_converted(converted, origin, pae.state_dict(), path, "PAE")
     vfm = convert_released_dinov2(vfm_state, pae.vfm, path) if vfm_state else None
-    print0(f"{path}: the authors' released PAE (VFM {vfm_name}, decoder {name}"
+    print0(f"{path}: the authors' released PAE (VFM {vfm_name}, decoder {name}, DAM fusion {fusion}"
            f"{', with its VFM weights' if vfm else ''}) converted in memory")
     return {"kind": "pae", "model": converted, "ema": None, "opt": None, "step": 0, "config": {},
             "version": CKPT_VERSION, "pae_args": pae_args, "vfm": vfm, "released": True}
 
 
-def build_refiner(vfm_width, preset=None, depth=4):
-    """P_t and Q_t for VFM tokens of width vfm_width; preset='tiny' uses a 1-layer Q_t."""
-    return PriorRefiner(vfm_width, depth=1 if preset == "tiny" else depth)
+def build_refiner(vfm_width, depth=4):
+    """P_t and Q_t for VFM tokens of width vfm_width; Q_t has `depth` ViT blocks [our reading]."""
+    return PriorRefiner(vfm_width, depth)
 
 
 def refiner_from_checkpoint(path, device="cpu"):
@@ -852,9 +890,25 @@ def refiner_from_checkpoint(path, device="cpu"):
 CKPT_VERSION = 2  # 2: the released PAE architecture (DAM fusion, attention biases, init)
 
 
+# exit statuses a scheduler can act on: done 0; bad input 1 (one sentence; 2 for a malformed command line); stopped by
+# the non-finite guard 3 (do not requeue: a restart fails again); stopped by SIGTERM / SIGUSR1 with a checkpoint
+# written, or by the signal watchdog with the last checkpoint intact, 75 (requeue: --resume auto continues)
+EXIT_NONFINITE, EXIT_REQUEUE = 3, 75
+
+
 def fail(message):
     """A user-caused error: one sentence on stderr, exit status 1, no traceback."""
     raise SystemExit(f"error: {message}")
+
+
+def stop(message, status, printed=False):
+    """Exit with `status` (EXIT_NONFINITE, EXIT_REQUEUE): the sentence on stderr first (rank 0), as a SystemExit with
+    a number prints nothing; str() of the exception is the sentence."""
+    if not printed:
+        print0(message, file=sys.stderr)
+    error = SystemExit(message)
+    error.code = status
+    raise error
 
 
 def _parse_bool(text):
@@ -876,10 +930,9 @@ def _field_comments(cls):
 
 
 def parse_config(cls, argv=None, presets=None):
-    """Dataclass -> argparse, then validation, before anything is loaded or written. `--preset NAME` applies
-    presets[NAME] first; explicit flags win over it. Each flag's help is the comment beside its field. The Config
-    may declare CHOICES {field: valid values}, POSITIVE (fields > 0), NONNEGATIVE (fields >= 0) and UNIT; every float
-    must be finite; UNIT fields lie in [0, 1]. A bad value is one sentence and exit status 1."""
+    """Dataclass -> argparse (each flag's help: the comment beside its field), then validation, before any work.
+    `--preset NAME` applies presets[NAME], explicit flags win. The Config may declare CHOICES {field: values},
+    POSITIVE, NONNEGATIVE, UNIT ([0, 1]) and BARE {field: value of the bare flag}; floats must be finite."""
     comments = _field_comments(cls)
     choices = {**getattr(cls, "CHOICES", {}), **({"preset": tuple(presets)} if presets else {})}
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
@@ -891,6 +944,9 @@ def parse_config(cls, argv=None, presets=None):
         if kind is bool:
             parser.add_argument(f"--{field.name}", type=_parse_bool, nargs="?", const=True,
                                 default=argparse.SUPPRESS, help=text, metavar="true|false")
+        elif field.name in getattr(cls, "BARE", {}):  # e.g. a bare --resume means --resume true
+            parser.add_argument(f"--{field.name}", type=str.lower, nargs="?", const=cls.BARE[field.name],
+                                default=argparse.SUPPRESS, help=text)
         else:
             parser.add_argument(f"--{field.name}", type=kind, default=argparse.SUPPRESS, help=text)
     given = vars(parser.parse_args(argv))
@@ -938,19 +994,16 @@ LATENT_META_KEYS = ("ae_ckpt", "channels", "size", "count", "num_classes", "mean
 
 
 def read_latent_meta(path):
-    """A latent cache's meta.json, validated: invalid JSON, a missing key, statistics of the wrong length, not
-    finite or with a zero std each give one sentence."""
+    """A latent cache's meta.json, validated (JSON, keys, finite statistics of the right length, no zero std)."""
     redo = "rerun `train_ae.py --stage encode --overwrite` for that cache"
     try:
         with open(path) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         fail(f"{path} cannot be read as JSON ({type(e).__name__}: {e}); {redo}")
-    missing = [k for k in LATENT_META_KEYS if not isinstance(meta, dict) or k not in meta]
-    if missing:
+    if missing := [k for k in LATENT_META_KEYS if not isinstance(meta, dict) or k not in meta]:
         fail(f"{path} lacks {', '.join(missing)}; {redo}")
-    for key in ("mean", "std"):
-        stats = meta[key]
+    for key, stats in (("mean", meta["mean"]), ("std", meta["std"])):
         if not isinstance(stats, list) or len(stats) != meta["channels"]:
             fail(f"{path}: '{key}' must list {meta['channels']} numbers (one per channel); {redo}")
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in stats):
@@ -961,9 +1014,8 @@ def read_latent_meta(path):
 
 
 def cache_ae(meta, ae_ckpt=""):
-    """(path, own) of the AE that decodes a latent cache: ae_ckpt when given, else the cache's own (meta.json's
-    ae_ckpt; path None when that file is gone). own: it is the AE the latents were encoded with (the SHA-256 in
-    meta.json, or the path for a cache without one). The cache's own AE, changed since the encode, is refused."""
+    """(path, own) of the AE that decodes a latent cache: ae_ckpt, else the cache's own (None when gone); own: the
+    AE the latents were encoded with (meta.json's SHA-256). The cache's own AE changed since the encode is refused."""
     path = ae_ckpt or meta.get("ae_ckpt") or ""
     if not os.path.isfile(path):
         if ae_ckpt:
@@ -1004,9 +1056,16 @@ class Dist:
         else:
             self.device = torch.device("cpu")
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+            store = None
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # under torchrun: its agent's store, whose
+                # keys of a failed round remain after a restart (gloo would dial the dead workers): a prefix per round
+                store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", dist.TCPStore(
+                    os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False))
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=store,
+                                    rank=self.rank if store else -1, world_size=self.world_size if store else -1,
                                     device_id=self.device if self.device.type == "cuda" else None,
                                     timeout=datetime.timedelta(hours=1))  # rank-0 merges and writes can be slow
+        self.cpu_group = dist.new_group(backend="gloo") if self.world_size > 1 else None  # host-side flags (Run)
         self.master = self.rank == 0
 
     def barrier(self):
@@ -1016,18 +1075,20 @@ class Dist:
     def run0(self, fn):
         """fn() on rank 0 only (writing a file, taking the folder lock), then a barrier. A fail() there stops every
         rank with the same sentence, instead of leaving the others waiting at their next collective."""
-        message, result = None, None
+        error, result = None, None
         if self.master:
             try:
                 result = fn()
             except SystemExit as e:
-                message = str(e)
+                error = e
         if self.world_size > 1:
-            box = [message]
+            box = [error and (str(error), error.code)]
             dist.broadcast_object_list(box, src=0)
-            message = box[0]
-        if message:
-            raise SystemExit(message)
+            if box[0] and not error:  # the same exit on every rank (rank 0 has printed the sentence)
+                error = SystemExit(box[0][0])
+                error.code = box[0][1]
+        if error:
+            raise error
         return result
 
     def all_reduce_mean(self, tensor):
@@ -1043,58 +1104,56 @@ class Dist:
             dist.destroy_process_group()
 
 
-def batch_layout(cfg, d):
+def batch_layout(cfg, process):
     """(per-rank batch, micro-batch, accumulation steps) from cfg.batch_size (global) and cfg.micro_batch_size."""
-    per_rank, rem = divmod(cfg.batch_size, d.world_size)
+    per_rank, rem = divmod(cfg.batch_size, process.world_size)
     micro = cfg.micro_batch_size or per_rank
     if rem or per_rank == 0 or per_rank % micro:
-        fail(f"batch_size {cfg.batch_size} is not divisible by world size {d.world_size} x micro_batch_size "
-             f"{micro}; choose a batch_size that is")
+        fail(f"batch_size {cfg.batch_size} is not divisible by world size {process.world_size} x micro_batch_size "
+             f"{micro}; choose a multiple of {process.world_size * micro}, or another micro_batch_size")
     return per_rank, micro, per_rank // micro
 
 
-def make_optimizer(cfg, params, device):
-    """AdamW (fused on GPU) with cfg.lr, betas and weight decay on >=2-D weights only."""
-    params = [p for p in params if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=device.type == "cuda")
+def make_optimizer(cfg, params, device, betas=None, weight_decay=None):
+    """AdamW (fused on GPU) with cfg.lr and cfg's betas and weight decay (or those given), the decay on >=2-D weights
+    only. params: parameters, or {lr_scale: parameters}, each group's lr then multiplied by its lr_scale."""
+    decay = cfg.weight_decay if weight_decay is None else weight_decay
+    groups = [{"params": [p for p in ps if p.requires_grad and (p.dim() >= 2) == matrix], "lr_scale": scale,
+               "weight_decay": decay if matrix else 0.0}
+              for scale, ps in (params if isinstance(params, dict) else {1.0: params}).items() for ps in [list(ps)]
+              for matrix in (True, False)]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
+                             betas=betas or (cfg.adam_beta1, cfg.adam_beta2), fused=device.type == "cuda")
 
 
-# the run kit of the three training loops (refine, ae, DiT): resume-or-refuse, compile + DDP, the interval log line
-# with its non-finite guard and checkpoints, FLOPs
+# the run kit of the three training loops (refine, ae, DiT): resume-or-refuse, compile + DDP, and the Run: its log
+# line with the non-finite guard, checkpoints, the same-run check on resume, and stopping on a signal
+
+RESUME = ("false", "true", "auto")  # --resume: a bare --resume is "true"
+STOP_TIMEOUT = 25  # s from a stop signal to exit at the latest: torchrun and SLURM kill 30 s after their SIGTERM
+NONFINITE = "nonfinite.txt"  # in OUT_DIR: why the non-finite guard stopped the run; a resume is refused while it exists
 
 
 def check_resume(cfg, path, results=(), required=False):
-    """Resume-or-refuse, before anything is written: True when this run continues from the checkpoint `path`. A
-    checkpoint or finished result (`results`) already there is refused without --resume or --overwrite, so a finished
-    or running run is never replaced by accident; required: --resume without a checkpoint is refused too."""
-    if cfg.resume and required and not os.path.isfile(path):
-        fail(f"--resume was given but {path} does not exist; drop --resume to start a new run")
-    found = [p for p in (path, *results) if os.path.isfile(p)]
-    if found and not (cfg.resume or cfg.overwrite):
-        fail(f"{found[0]} already exists; pass --resume to continue that run, --overwrite to start a new one in its "
-             f"place, or choose another --out_dir")
-    return bool(cfg.resume) and os.path.isfile(path)
-
-
-def resume_step(cfg, path, kind, states, arch, log):
-    """The step to start from: 0 for a fresh start, else that of the checkpoint `path` (with --resume, when it
-    exists), with `states` ({checkpoint key: module or optimizer}) loaded from it. arch ({checkpoint key: value}): how
-    this run builds its model, which must be how the checkpoint's was built."""
-    if not (cfg.resume and os.path.isfile(path)):
-        if cfg.resume:
-            log(f"--resume: {path} does not exist yet, so this run starts from step 0")
-        return 0
-    ckpt = load_checkpoint(path, kind)
-    for key, value in arch.items():
-        if ckpt.get(key) != value:
-            fail(f"{path} was trained with {key} {ckpt.get(key)}, but this run has {value}; use the same model flags "
-                 f"and data, or another --out_dir")
-    for key, state in states.items():
-        state.load_state_dict(ckpt[key])
-    log(f"resuming from {path} at step {ckpt['step']}")
-    return ckpt["step"]
+    """Resume-or-refuse, before anything is written: True when this run continues from the checkpoint `path`.
+    --resume false refuses a checkpoint or finished result (`results`) already there, unless --overwrite; true
+    continues (required: the checkpoint must exist); auto continues when it exists, else starts. A run the
+    non-finite guard stopped is refused (status 3)."""
+    stopped = os.path.join(cfg.out_dir, NONFINITE)
+    if os.path.isfile(stopped) and not cfg.overwrite:
+        with open(stopped) as f:
+            stop(f"error: the run in {cfg.out_dir} was stopped by the non-finite guard ({f.read().strip()}); fix the "
+                 f"cause, then delete {stopped} to resume, or pass --overwrite to start a new run", EXIT_NONFINITE)
+    exists, finished = os.path.isfile(path), [p for p in results if os.path.isfile(p)]
+    if cfg.resume == "false" and (exists or finished) and not cfg.overwrite:
+        fail(f"{path if exists else finished[0]} already exists; pass --resume auto to continue that run, --overwrite "
+             f"to start a new one in its place, or choose another --out_dir")
+    if cfg.resume == "true" and required and not exists:
+        fail(f"--resume was given but {path} does not exist; pass --resume auto to start when there is none")
+    if cfg.resume != "false" and not exists and finished and not cfg.overwrite:
+        fail(f"{finished[0]} exists but not its checkpoint {path}, so it cannot be continued; pass --overwrite to "
+             f"train it again")
+    return cfg.resume != "false" and exists
 
 
 def wrap(cfg, process, module):
@@ -1112,23 +1171,81 @@ def grad_sync(module, sync):
     return module.no_sync() if isinstance(module, DDP) and not sync else nullcontext()
 
 
-class IntervalLog:
-    """The log line of a training loop and its non-finite guard. Named loss parts are summed on the device every
-    step; one all-reduce and one .item() per line, which reports their interval means over all ranks, lr, img/s (the
-    first step, compilation and warm-up, excluded), MFU, peak memory and ETA. A NaN or inf in a logged part, or in
-    the parts since the last line when a checkpoint is due, stops the run before anything more is written."""
+def _shown(old, new):
+    """'old -> new' for a message, a dict by its differing keys, long values cut."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return ", ".join(f"{k} {_shown(old.get(k), new.get(k))}" for k in {**old, **new} if old.get(k) != new.get(k))
+    cut = lambda v: repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."  # noqa: E731
+    return f"{cut(old)} -> {cut(new)}"
 
-    def __init__(self, cfg, process, log, name, total_steps, flops_per_image, causes, saved_step=None):
-        self.cfg, self.process, self.log, self.name, self.total = cfg, process, log, name, total_steps
-        self.flops, self.peak = flops_per_image, peak_flops(process.device)
-        self.causes, self.saved_step = causes, saved_step
+
+class Run:
+    """The kit of one training loop (refine, ae, DiT): resume() refuses a checkpoint of another run; add() / emit()
+    make the log line (interval means over all ranks of the loss parts summed on the device, one sync per line; lr,
+    img/s without the first step, MFU, memory, ETA); checkpoint() runs the non-finite guard (status 3, and
+    OUT_DIR/nonfinite.txt) before the write on rank 0. SIGTERM and SIGUSR1 are noted, not obeyed at once: the ranks
+    agree after which step to stop (stop_requested), checkpoint and exit with 75 (stop); a watchdog exits with 75
+    STOP_TIMEOUT s after the signal if that has not happened (a dead peer), the last checkpoint intact."""
+
+    def __init__(self, cfg, process, log, name, path, total_steps, flops_per_image, causes):
+        self.cfg, self.process, self.log, self.name, self.path, self.total = cfg, process, log, name, path, total_steps
+        self.flops, self.peak, self.causes = flops_per_image, peak_flops(process.device), causes
+        self.saved_step, self.identity, self.history, self.images_seen = None, {}, [], 0
         self.sums, self.n, self.skipped, self.t0, self.step0 = {}, 0, 0, None, None
+        self.signal, self.pending, self.listening = None, None, threading.current_thread() is threading.main_thread()
+        if self.listening:  # the C-level handler writes each signal's number to the pipe even while Python is blocked
+            read, self.wake = os.pipe()
+            os.set_blocking(self.wake, False)
+            self.saved = [signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGUSR1)]
+            self.saved_fd = signal.set_wakeup_fd(self.wake)
+            threading.Thread(target=self._watchdog, args=(read,), daemon=True).start()
+
+    def resume(self, kind, states, arch, identity):
+        """The step to start from, 0 or the checkpoint's with `states` ({key: module or optimizer}) loaded. The same
+        network (arch {key: arguments}) and the same run: every config field but the FREE ones, and identity (the
+        data), as in the checkpoint, except the fields --allow_change names (logged, kept in the history)."""
+        self.identity = {**arch, **identity}
+        if self.cfg.resume == "false" or not os.path.isfile(self.path):
+            self.log(f"{self.name}: starting at step 0" + (self.cfg.resume != "false") * " (no checkpoint yet)")
+            return 0
+        ckpt = load_checkpoint(self.path, kind)
+        other = [f"{k} {_shown(ckpt.get(k), v)}" for k, v in arch.items() if ckpt.get(k) != v]
+        if other:
+            fail(f"{self.path} was trained with another network ({'; '.join(other)}); use the same model flags and "
+                 f"data, or another --out_dir")
+        old = {**ckpt["config"], **{k: ckpt.get(k) for k in identity}}
+        new = {**dataclasses.asdict(self.cfg), **identity}
+        free, allowed = set(getattr(type(self.cfg), "FREE", ())), set(filter(None, self.cfg.allow_change.split(",")))
+        if allowed - set(new):
+            fail(f"--allow_change names {', '.join(sorted(allowed - set(new)))}, which this run does not have; name "
+                 f"config fields or {', '.join(identity)}")
+        changed = {k: (old[k], v) for k, v in new.items() if k in old and k not in free and old[k] != v}
+        refused = [k for k in changed if k not in allowed]
+        if refused:
+            fail(f"{self.path} was trained as another run: {'; '.join(f'{k} {_shown(*changed[k])}' for k in refused)}; "
+                 f"use its values, pass --allow_change {','.join(refused)} to change them deliberately, or choose "
+                 f"another --out_dir")
+        for key, state in states.items():
+            state.load_state_dict(ckpt[key])
+        self.history, self.saved_step = list(ckpt.get("history", [])), ckpt["step"]
+        self.images_seen = ckpt.get("images_seen", ckpt["step"] * ckpt["config"].get("batch_size", 0))
+        if changed:
+            self.history.append({"step": ckpt["step"], "changed": {k: list(v) for k, v in changed.items()}})
+            self.log(f"{self.name}: deliberate changes at step {ckpt['step']} (--allow_change): "
+                     + "; ".join(f"{k} {_shown(*v)}" for k, v in changed.items()))
+        self.log(f"{self.name}: resuming from {self.path} at step {ckpt['step']}"
+                 + (" (finished: nothing to do)" if ckpt["step"] >= self.total else ""))
+        return ckpt["step"]
+
+    def extras(self):
+        """What every checkpoint of this run holds beside the weights: its identity, history and images seen."""
+        return {**self.identity, "history": self.history, "images_seen": self.images_seen}
 
     def add(self, step, parts, skipped=0):
         for key, value in parts.items():
             self.sums[key] = self.sums.get(key, 0) + value.detach().float()
-        self.n += 1
-        self.skipped += skipped
+        self.n, self.skipped = self.n + 1, self.skipped + skipped
+        self.images_seen += self.cfg.batch_size
         if self.t0 is None:  # the first step (compilation, allocator warm-up) is not timed
             if self.process.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -1147,17 +1264,77 @@ class IntervalLog:
         self.log(f"{self.name} step {step}/{self.total} | {parts} | lr {lr:.2e} | {img_s:.1f} img/s | MFU {mfu} | "
                  f"mem {mem} | ETA {eta}" + (f" | {extra}" if extra else "")
                  + (f" | {skipped} unreadable images skipped" if skipped else ""))
-        check_finite(step, dict(zip(keys, stats)), self.causes, self.saved_step)
+        self._guard(step, dict(zip(keys, stats)))
         self.sums, self.n, self.skipped = {}, 0, 0
 
     def checkpoint(self, step, write):
         """The guard over the steps since the last line (one sync), then write() on rank 0."""
         if self.n:
             keys = list(self.sums)
-            stats = self.process.all_reduce_mean(torch.stack([self.sums[k] for k in keys])).tolist()
-            check_finite(step, dict(zip(keys, stats)), self.causes, self.saved_step)
+            self._guard(step, dict(zip(keys, self.process.all_reduce_mean(torch.stack([self.sums[k] for k in keys]))
+                                       .tolist())))
         self.process.run0(write)
         self.saved_step = step
+
+    def _guard(self, step, values):
+        bad = ", ".join(f"{name} = {value}" for name, value in values.items() if not math.isfinite(value))
+        if bad:
+            kept = (f"the checkpoint of step {self.saved_step} is kept as it was" if self.saved_step
+                    else "no checkpoint was written")
+            if self.process.master:
+                atomic_write(os.path.join(self.cfg.out_dir, NONFINITE), lambda f: f.write(
+                    f"{self.name} step {step}: {bad}".encode()))
+            self.close()
+            stop(f"error: the steps up to {step} gave a non-finite {bad}, so the run stops (status {EXIT_NONFINITE}: a "
+                 f"restart would stop again); look for {self.causes}; {kept}", EXIT_NONFINITE)
+
+    def stop_requested(self):
+        """After every step on every rank: True on all after the same step once one has a stop signal. The flags meet
+        in an all-reduce on a CPU group, started after one step and read after the next: no wait, no device sync."""
+        if self.process.world_size == 1:
+            return self.signal is not None
+        stop = False
+        if self.pending:
+            work, flag = self.pending
+            work.wait()
+            stop = flag.item() > 0
+        flag = torch.tensor([float(self.signal is not None)])
+        self.pending = (dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.process.cpu_group, async_op=True), flag)
+        return stop
+
+    def stop(self, step, write):
+        """The checkpoint of `step` (unless written just now), one log line, exit status 75 on every rank."""
+        if self.saved_step != step:
+            self.checkpoint(step, write)
+        message = (f"{self.name}: stopped by {self.signal or 'a stop signal'} at step {step}; checkpoint {self.path} "
+                   f"written; the same command with --resume auto continues (status {EXIT_REQUEUE}: requeue)")
+        self.log(message)
+        self.close()
+        self.process.teardown()
+        stop(message, EXIT_REQUEUE, printed=True)
+
+    def close(self):
+        """The loop is over: signals go back to their handlers (the watchdog stays armed if one has come)."""
+        if self.pending:
+            self.pending[0].wait()
+            self.pending = None
+        if self.listening:
+            self.listening = False
+            signal.set_wakeup_fd(self.saved_fd)
+            for s, handler in zip((signal.SIGTERM, signal.SIGUSR1), self.saved):
+                signal.signal(s, handler)
+            os.write(self.wake, b"\0")
+            os.close(self.wake)
+
+    def _watchdog(self, read):
+        while (number := os.read(read, 1)[0]) not in (signal.SIGTERM, signal.SIGUSR1):
+            if number == 0:  # close(): no stop signal came
+                return os.close(read)
+        self.signal = signal.Signals(number).name
+        time.sleep(STOP_TIMEOUT)
+        self.log(f"{self.name}: stopped by {self.signal}: no checkpoint within {STOP_TIMEOUT} s (a rank gone?); the "
+                 f"last one on disk, of step {self.saved_step}, is kept (status {EXIT_REQUEUE}: requeue)")
+        os._exit(EXIT_REQUEUE)
 
 
 def mixed_seed(*keys):
@@ -1172,16 +1349,16 @@ def _epoch_order(count, seed, epoch):
 
 
 def batch_indices(step, batch_size, count, seed, drop_tail=False):
-    """Global sample indices of a step's batch: a pure function of the step, so a resumed run needs no data state and
-    any world size sees the same batches. Epoch e is a permutation seeded by (seed, e). drop_tail: whole batches
-    within each epoch, its last count % batch_size samples skipped (train_ae); else the positions run on across
-    epochs (train_dit)."""
+    """Global sample indices of a step's batch, a pure function of the step (resume and world size need no state):
+    epoch e is a permutation seeded by (seed, e); drop_tail: whole batches per epoch, the rest skipped (train_ae);
+    else the positions run on across epochs (train_dit)."""
     if drop_tail:
         epoch, s = divmod(step, count // batch_size)
         return _epoch_order(count, seed, epoch)[s * batch_size:(s + 1) * batch_size]
     positions = np.arange(step * batch_size, (step + 1) * batch_size)
     epochs = positions // count
-    return np.concatenate([_epoch_order(count, seed, int(e))[positions[epochs == e] % count] for e in np.unique(epochs)])
+    return np.concatenate([_epoch_order(count, seed, int(e))[positions[epochs == e] % count]
+                           for e in np.unique(epochs)])
 
 
 def step_flips(seed, step, batch_size):
@@ -1246,8 +1423,8 @@ def autocast(device):
 
 
 def atomic_write(path, write_fn):
-    """write_fn(file) into path.tmp, fsync, then rename over path: a crash never leaves a half-written file, and a
-    failed write (a full disk) removes the .tmp, keeps the old file and stops with one sentence."""
+    """write_fn(file) into path.tmp, fsync, rename over path: never a half-written file; a failed write (a full
+    disk) removes the .tmp, keeps the old file and stops with one sentence."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -1277,17 +1454,6 @@ def check_output(path, overwrite=False, inputs=()):
         fail(f"cannot write {path}: {folder} is not a writable folder; choose another output path")
 
 
-def check_finite(step, values, causes, saved_step=None):
-    """The non-finite guard of every loop: values {name: float}, already synchronised (a log line's interval
-    means, or the sums checked before a checkpoint). A NaN or inf stops the run before anything more is written."""
-    bad = [f"{name} = {value}" for name, value in values.items() if not math.isfinite(value)]
-    if bad:
-        kept = (f"the checkpoint of step {saved_step} is kept as it was" if saved_step else
-                "no checkpoint was written")
-        fail(f"the steps up to {step} gave a non-finite {', '.join(bad)}, so the run stops; look for {causes}; "
-             f"{kept}")
-
-
 def file_digest(path):
     """SHA-256 of a file, hex."""
     sha = hashlib.sha256()
@@ -1307,9 +1473,13 @@ def _process_alive(pid):
     return True
 
 
+LOCK_HEARTBEAT, LOCK_STALE = 30, 120  # s: a running job touches its .lock this often; older than LOCK_STALE = gone
+
+
 def lock_dir(path):
-    """An owner file path/.lock ("pid@host") stops a second concurrent run on the same folder with one sentence. It
-    is removed at exit; one whose process is gone (same host) is taken over. Call on rank 0 only."""
+    """An owner file path/.lock ("pid@host"), touched every LOCK_HEARTBEAT s and removed at exit, stops a second run
+    on the folder. A lock whose owner is provably gone is taken over, said in a line: on this host, its process has
+    ended; on another (a lost node), its heartbeat is older than LOCK_STALE s (clocks within a minute). Rank 0 only."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -1325,17 +1495,34 @@ def lock_dir(path):
                 _LOCKS.add(lock)
                 return
             pid, _, host = owner.partition("@")
-            if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
-                os.remove(lock)  # stale: its process ended without cleaning up
+            age = time.time() - os.path.getmtime(lock)
+            here = host == socket.gethostname()
+            if (not pid.isdigit() or not _process_alive(int(pid))) if here else age > LOCK_STALE:
+                print0(f"{path}: taking over the lock of {owner}, which is gone ("
+                       + ("its process has ended)" if here else f"no heartbeat for {age:.0f} s)"))
+                os.remove(lock)
                 continue
-            fail(f"{path} is in use by another run (process {owner}, see {lock}); wait for it, choose another "
-                 f"folder, or delete {lock} if that run is gone")
+            fail(f"{path} is in use by another run (process {owner}, heartbeat {age:.0f} s ago, see {lock}); wait "
+                 f"for it, choose another folder, or delete {lock} if that run is gone")
         with os.fdopen(fd, "w") as f:
             f.write(me)
         _LOCKS.add(lock)
+        if not _LOCKS_TOUCHED.is_alive():
+            _LOCKS_TOUCHED.start()
         return
 
 
+def _heartbeat():
+    while True:
+        time.sleep(LOCK_HEARTBEAT)
+        for lock in list(_LOCKS):
+            try:
+                os.utime(lock)
+            except OSError:
+                pass
+
+
+_LOCKS_TOUCHED = threading.Thread(target=_heartbeat, daemon=True)
 _LOCKS = set()
 
 
@@ -1354,8 +1541,10 @@ def release_locks():
 
 
 def save_checkpoint(path, kind, model, config, step, ema=None, opt=None, **extras):
-    """Our checkpoint schema, from the raw (uncompiled, unwrapped) modules; call on rank 0 only."""
-    ckpt = {"kind": kind, "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
+    """Our checkpoint schema, from the raw (uncompiled, unwrapped) modules (model None: an EMA snapshot); call on rank 0
+    only."""
+    ckpt = {"kind": kind, "model": None if model is None else model.state_dict(),
+            "ema": None if ema is None else ema.state_dict(),
             "opt": None if opt is None else opt.state_dict(), "step": step,
             "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
             "version": CKPT_VERSION, **extras}
@@ -1459,4 +1648,5 @@ def count_flops(fn):
 
 def format_duration(seconds):
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"

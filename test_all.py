@@ -9,11 +9,14 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import lpips as lpips_pkg
 import numpy as np
@@ -217,7 +220,7 @@ def test_checkpoint_schema_and_resume_is_exact(tmp_path):
         assert not any(k.startswith(("_orig_mod.", "module.")) for k in full[key])
         for name, value in full[key].items():
             assert torch.equal(value, split[key][name]), name
-    assert "resumed at step 3" in _log(tmp_path / "split")
+    assert "resuming from" in _log(tmp_path / "split") and "at step 3" in _log(tmp_path / "split")
 
 
 def test_prefetcher_delivers_each_steps_rows_and_stops_cleanly(tmp_path, monkeypatch):
@@ -467,7 +470,7 @@ def test_structural_target_preserves_constants_and_follows_edges():
 
 def test_refiner_targets_and_loss():
     torch.manual_seed(0)
-    refiner = model.build_refiner(64, "tiny")
+    refiner = model.build_refiner(64, depth=1)
     vfm_tokens = torch.randn(2, 16, 64)
     z_t = refiner.target(vfm_tokens)
     assert z_t.shape == (2, 16, 32) and (z_t.norm(dim=-1) / math.sqrt(32) - 1).abs().max() < 1e-4
@@ -496,7 +499,7 @@ def test_checkpoint_roundtrip_without_vfm_weights(tmp_path):
 
 def test_pae_loss_composition_and_tiny_loss_falls(lpips_net):
     torch.manual_seed(0)
-    pae, refiner = model.build_pae(preset="tiny"), model.build_refiner(64, "tiny").requires_grad_(False)
+    pae, refiner = model.build_pae(preset="tiny"), model.build_refiner(64, depth=1).requires_grad_(False)
     images = F.interpolate(_images(2, 4), size=32, mode="bilinear")  # smooth images a tiny decoder can fit
     weights = dict(l1=1.5, lpips=0.7, gan=0.3, ssr=0.2, mcr=0.5, scr=0.0)
     total, parts = losses.pae_loss(pae(images, (42.5, 85.0)), images, lpips_net, refiner,
@@ -627,8 +630,8 @@ def _released_tiny_dit(num_classes=3, channels=32, size=8, qk_norm=False, seed=0
     return state
 
 
-def _released_dam_reference(s, pixels, vfm_tokens, heads=4):
-    """The released DAM (DeltaEncoder, cross-attention on, 'sft' fusion) written out from its equations."""
+def _released_dam_reference(s, pixels, vfm_tokens, heads=4, fusion="sft"):
+    """The released DAM (DeltaEncoder, cross-attention on, its fusion mode) written out from its equations."""
     ln = lambda x, p: F.layer_norm(x, x.shape[-1:], s[p + ".weight"], s[p + ".bias"])  # noqa: E731  eps 1e-5
     lin = lambda x, p: F.linear(x, s[p + ".weight"], s.get(p + ".bias"))  # noqa: E731
 
@@ -646,6 +649,10 @@ def _released_dam_reference(s, pixels, vfm_tokens, heads=4):
         x = x + lin(attn(lin(h, L + "cross_attn.q_proj"), lin(u, L + "cross_attn.k_proj"),
                          lin(u, L + "cross_attn.v_proj")), L + "cross_attn.proj")
         x = x + lin(F.gelu(lin(ln(x, L + "norm3"), L + "mlp.fc1")), L + "mlp.fc2")
+    if fusion == "add":
+        return ln(lin(x, P + "fusion_proj") + vfm_tokens, P + "final_ln")
+    if fusion == "concat":  # VFM tokens first
+        return ln(lin(torch.cat([vfm_tokens, x], dim=-1), P + "fusion_proj"), P + "final_ln")
     gamma, beta = lin(x, P + "fusion_proj").chunk(2, -1)  # on the block output, no norm in between
     return ln(vfm_tokens * (1 + gamma) + beta, P + "final_ln")
 
@@ -739,7 +746,7 @@ def test_sample_py_on_released_files(released_files, tmp_path):
         sample.main(args)  # a 3-class DiT: the tiny preset's 8 x 8 grid of classes 0-7 cannot be drawn
     sample.main(args + ["--labels", ""])  # all classes in turn
     with np.load(tmp_path / "s.npz") as f:
-        assert f["arr_0"].shape == (6, 32, 32, 3) and f["labels"].tolist() == [0, 1, 2, 0, 1, 2]
+        assert f["arr_0"].shape == (6, 32, 32, 3) and f["labels"][sample.sample_order(0, 6)].tolist() == [0, 1, 2, 0, 1, 2]
         assert len(np.unique(f["arr_0"].reshape(6, -1), axis=0)) == 6
 
 
@@ -934,7 +941,8 @@ def test_eval_stage_reports_psnr_ssim_rfid_lpc_gsq(pipeline):
     saved = json.load(open(out_dir / "eval.json"))
     assert saved["images"] == 8 and set(saved) >= {"psnr", "ssim", "rfid", "lpc", "gsq", "gsq_std"}
     assert 0 < saved["psnr"] < 60 and saved["rfid"] >= 0 and saved["lpc"] > 0 and 0 <= saved["gsq"] <= 1
-    assert 0 < saved["ssim"] < 1
+    assert 0 < saved["ssim"] < 1 and 0 <= saved["ssc"] <= 1 and 1 / 32 <= saved["erank"] <= 1
+    assert saved["unreadable"] == 0 and "| ssc " in _log(out_dir) and "| erank " in _log(out_dir)
 
 
 def test_mistaken_rerun_changes_nothing(tmp_path):
@@ -1129,8 +1137,8 @@ def test_cfg_scale_one_interval_and_batched_guidance():
 
 def test_uint8_conversion_truncates_as_released_or_rounds():
     images = torch.tensor([0.4, 0.6, 254.4, 254.6, 300.0, -9.0]).div(255).view(1, 1, 1, 6).expand(1, 3, 1, 6)
-    assert sample.to_uint8(images)[0, 0, :, 0].tolist() == [0, 0, 254, 254, 255, 0]  # the default: truncation
-    assert sample.to_uint8(images, "round")[0, 0, :, 0].tolist() == [0, 1, 254, 255, 255, 0]
+    assert fid.to_uint8(images)[0, 0, :, 0].tolist() == [0, 0, 254, 254, 255, 0]  # the default: truncation
+    assert fid.to_uint8(images, "round")[0, 0, :, 0].tolist() == [0, 1, 254, 255, 255, 0]
 
 
 def test_decoder_precision_as_released():
@@ -1162,14 +1170,15 @@ def test_sample_tiny_end_to_end(tmp_path):
     dit_path, pae = _pipeline(tmp_path)
     sample.main(_args(tmp_path, dit_path, name="raw", use_ema="false"))
     sample.main(_args(tmp_path, dit_path))
+    order = sample.sample_order(0, 12)  # arr_0[order]: index order
     with np.load(tmp_path / "samples.npz") as f:
-        images, labels = f["arr_0"], f["labels"]
+        images, labels = f["arr_0"][order], f["labels"][order]
     assert images.shape == (12, pae.image_size, pae.image_size, 3) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [4, 4, 4]
     assert len(np.unique(images.reshape(12, -1), axis=0)) == 12  # every sample has its own noise
     assert (tmp_path / "samples.png").is_file() and not (tmp_path / "samples_shards").exists()
     with np.load(tmp_path / "raw.npz") as f:
-        assert not np.array_equal(f["arr_0"], images)  # EMA by default, the raw weights on request
+        assert not np.array_equal(f["arr_0"][order], images)  # EMA by default, the raw weights on request
     ckpt = torch.load(dit_path, weights_only=True)
     meta, model_args = ckpt["latent_meta"], ckpt["model_args"]
     ema = build_dit("tiny/1", model_args["in_channels"], model_args["input_size"], num_classes=3)
@@ -1180,11 +1189,11 @@ def test_sample_tiny_end_to_end(tmp_path):
         latent = sample.sample_latents(ema.eval(), [7], [7 % 3], shape, cfg, 3, torch.device("cpu"))
         mean, std = (torch.tensor(meta[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
         pae = sample.prepare_decoder(pae.eval(), "bf16")
-        expected = sample.to_uint8(sample.decode(pae, latent * std + mean, "bf16"))[0]
+        expected = fid.to_uint8(sample.decode(pae, latent * std + mean, "bf16"))[0].numpy()
     assert np.abs(expected.astype(int) - images[7]).max() <= 1
     sample.main(_args(tmp_path, dit_path, name="rebatched", batch_size=4))
     with np.load(tmp_path / "rebatched.npz") as f:  # noise is per global index: batching changes nothing
-        assert np.abs(f["arr_0"].astype(int) - images).max() <= 1
+        assert np.abs(f["arr_0"][order].astype(int) - images).max() <= 1
 
 
 def test_sample_then_fid_py_with_random_inception(tmp_path, capfd):  # slow: fid.py's 2048-d statistics on CPU
@@ -1215,10 +1224,11 @@ def test_restart_skips_finished_shards_and_rejects_other_settings(tmp_path):
     marker = np.full((5, pae.image_size, pae.image_size, 3), 7, np.uint8)
     sample.save_npz(str(shards / "000001.npz"), arr_0=marker, labels=np.arange(5, 10) % 3)
     sample.main(_args(tmp_path, dit_path, name="part"))
+    order = sample.sample_order(0, 12)  # arr_0[order]: index order
     with np.load(tmp_path / "full.npz") as full, np.load(tmp_path / "part.npz") as part:
-        assert (part["arr_0"][5:10] == 7).all()  # the finished shard was kept, not recomputed
-        assert np.array_equal(part["arr_0"][:5], full["arr_0"][:5])
-        assert np.array_equal(part["arr_0"][10:], full["arr_0"][10:])
+        part_images, full_images = part["arr_0"][order], full["arr_0"][order]
+    assert (part_images[5:10] == 7).all()  # the finished shard was kept, not recomputed
+    assert np.array_equal(part_images[:5], full_images[:5]) and np.array_equal(part_images[10:], full_images[10:])
     shards.mkdir()
     (shards / "settings.json").write_text(json.dumps({**settings, "cfg_scale": 9.0}))
     with pytest.raises(SystemExit, match="other settings"):
@@ -1248,7 +1258,7 @@ def test_sample_errors(tmp_path):
         (dict(num_samples=10), "not a positive multiple of the 3 classes"),
         (dict(labels="1,3"), "outside 0..2"),
         (dict(labels="1,x"), "outside 0..2"),
-        (dict(sampler="heun"), "unknown --sampler"),
+        (dict(sampler="heun"), "--sampler heun is unknown"),
         (dict(to_uint8="floor"), "unknown --to_uint8"),
     ]
     for extra, message in cases:
@@ -1429,7 +1439,8 @@ def test_torchrun_shards_and_gathers(tmp_path, inception):
 # -----------------------------------------------------------------------------
 # README: the Quickstart runs as written, and every flag it mentions exists
 
-TORCHRUN_FLAGS = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_endpoint", "index"}  # and pip's --index-url
+TORCHRUN_FLAGS = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "max", "index",  # pip's
+                  "job", "nodes", "ntasks", "gpus", "cpus", "time", "requeue", "open", "output", "signal"}  # SLURM's
 SCRIPTS = {"train_ae.py": train_ae.Config, "train_dit.py": train_dit.Config, "sample.py": sample.Config,
            "fid.py": fid.Config}
 
@@ -1495,6 +1506,8 @@ def test_readme_quickstart_pipeline(tmp_path, capsys):  # the suite's slowest te
     with np.load(out / "samples.npz") as samples:
         images, labels = samples["arr_0"], samples["labels"]
     assert images.shape == (64, 32, 32, 3) and images.dtype == np.uint8
+    order = sample.sample_order(0, 64)  # the .npz is shuffled (the IS depends on the order); arr_0[order]: by index
+    images, labels = images[order], labels[order]
     assert labels.tolist() == np.repeat(np.arange(8), 8).tolist()  # row k of the grid: 8 samples of class k
     metrics_line = [line for line in logs.splitlines() if line.startswith("eval: psnr")][-1]
     metrics = {k: float(v) for k, v in (part.split() for part in metrics_line.removeprefix("eval: ").split(" | "))}
@@ -1554,9 +1567,13 @@ def test_nan_in_the_latent_cache_stops_train_dit_and_keeps_the_checkpoint(tmp_pa
     latents = np.load(cache / "latents.npy", mmap_mode="r+")
     latents[5] = np.nan  # one image (and its flip): drawn once per epoch of 2 steps
     latents.flush()
-    with pytest.raises(SystemExit, match=r"non-finite loss = nan.*latent cache.*step 3 is kept as it was"):
+    with pytest.raises(SystemExit, match=r"non-finite loss = nan.*latent cache.*step 3 is kept as it was") as stop:
         train_dit.main(_dit_args(tmp_path, cache, max_steps=9, ckpt_every=1, resume=True))
+    assert stop.value.code == model.EXIT_NONFINITE == 3  # its own status: a scheduler must not requeue it
     assert _bytes(ckpt) == before and not os.path.exists(f"{ckpt}.tmp")
+    with pytest.raises(SystemExit, match=r"stopped by the non-finite guard \(dit step 4: loss = nan") as again:
+        train_dit.main(_dit_args(tmp_path, cache, max_steps=9, resume="auto"))  # an elastic restart stops at once
+    assert again.value.code == 3 and _bytes(ckpt) == before
     assert load_checkpoint(str(ckpt), "dit")["step"] == 3
     meta = json.load(open(cache / "meta.json"))
     meta["std"][1] = 0.0
@@ -1783,13 +1800,15 @@ def test_a_pickle_in_the_hub_cache_is_refused_without_running(tmp_path, monkeypa
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save({"lin0.model.1.weight": Payload()}, tmp_path / "hub" / "checkpoints" / "vgg.pth")
+    lin_file = lambda path: losses._load_weights(path, losses.LPIPS_LIN_URL, losses.LPIPS_LIN_SHA256,  # noqa: E731
+                                                 "--lpips_lin_weights", "LPIPS v0.1 linear layers")
     with pytest.raises(SystemExit, match="not the published LPIPS v0.1 linear layers file"):
-        losses.LPIPS._lin_state(None)
+        lin_file(None)
     with pytest.raises(SystemExit, match="refused"):  # the same file passed by path: weights-only, still refused
-        losses.LPIPS._lin_state(str(tmp_path / "hub" / "checkpoints" / "vgg.pth"))
+        losses.LPIPS(pretrained=False, lin_weights=str(tmp_path / "hub" / "checkpoints" / "vgg.pth"))
     assert not marker.exists()
     shutil.copy(LPIPS_LIN, tmp_path / "hub" / "checkpoints" / "vgg.pth")  # the published file passes the hash
-    assert set(losses.LPIPS._lin_state(None)) == {f"{i}.weight" for i in range(5)}
+    assert {f"lin{i}.model.1.weight" for i in range(5)} <= set(lin_file(None))
 
 
 # -----------------------------------------------------------------------------
@@ -1856,3 +1875,569 @@ def test_train_dit_sample_grids_refuse_an_ae_changed_since_the_encode(tmp_path):
     train_dit.main(_dit_args(tmp_path, cache, name="named", max_steps=2, sample_every=2, ae_ckpt=ae_path))
     assert (tmp_path / "named" / "samples_0000002.png").is_file()
     assert "not the AE the cache was encoded with" in _log(tmp_path / "named")
+
+
+# -----------------------------------------------------------------------------
+# reproducing the paper's tables: EMA snapshots, sweeps, the shuffled .npz, one uint8 convention; fid.py's inputs
+
+
+def _snapshots(tmp_path, dit_path):
+    """Two EMA snapshots (kind dit, no raw weights, images_seen) in tmp_path/snapshots, as train_dit.py writes them."""
+    ckpt = torch.load(dit_path, weights_only=True)
+    args, folder = ckpt["model_args"], tmp_path / "snapshots"
+    folder.mkdir()
+    for step, seed in ((20, 2), (40, 3)):  # batch 4 and 8 cached latents: epochs 10 and 20
+        ema = _random_dit(3, args["in_channels"], args["input_size"], seed)
+        torch.save({**ckpt, "model": None, "ema": ema.state_dict(), "step": step, "images_seen": 4 * step,
+                    "config": {**ckpt["config"], "batch_size": 4}}, folder / f"{step:07d}.pt")
+    return folder
+
+
+def _sweep_args(root, out, **extra):
+    reference = {"ckpt": str(root / "snapshots"), "num_samples": 6, "batch_size": 3, "num_steps": "5,10",
+                 "fid_ref": str(root / "ref.npz"), "fid_weights": "random", **extra}
+    return _args(root, "", name=out, **reference)
+
+
+def _records(folder):
+    with open(folder / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def _without_seconds(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory):
+    """One uninterrupted sweep (2 snapshots x --num_steps 5,10, samples kept) that the tests compare against."""
+    torch.set_num_threads(1)  # as the tests that compare with it: the Inception's float sums depend on threads
+    root = tmp_path_factory.mktemp("sweep")
+    dit_path, _ = _pipeline(root)
+    _snapshots(root, dit_path)
+    np.savez(root / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    sample.main(_sweep_args(root, "sweep", keep_samples="true"))
+    return root
+
+
+# -----------------------------------------------------------------------------
+# sample.py: the .npz is shuffled with the seed; the Inception Score depends on the order
+
+
+def test_npz_is_shuffled_by_the_seed_and_the_grid_keeps_index_order(tmp_path):
+    dit_path, _ = _pipeline(tmp_path)
+    sample.main(_args(tmp_path, dit_path, name="one", batch_size=12))
+    sample.main(_args(tmp_path, dit_path, name="shards"))  # batch 5: three shards placed one by one
+    order = sample.sample_order(0, 12)
+    assert sorted(order) == list(range(12)) and not np.array_equal(order, np.arange(12))
+    assert np.array_equal(order, sample.sample_order(0, 12)) and not np.array_equal(order, sample.sample_order(1, 12))
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "shards.npz") as shards:
+        assert np.array_equal(one["labels"][order], np.arange(12) % 3)  # arr_0[order] is index order
+        assert np.array_equal(one["labels"], shards["labels"])  # the same places for any batching ...
+        assert np.abs(one["arr_0"].astype(int) - shards["arr_0"]).max() <= 1  # ... (batched matmuls: 1 level)
+        by_index = one["arr_0"][order]
+    grid = np.asarray(Image.open(tmp_path / "one.png"))  # 8 columns with 2 px padding: sample 1 is the second cell
+    size = by_index.shape[1]
+    assert np.array_equal(grid[2:2 + size, 2:2 + size], by_index[0])
+    assert np.array_equal(grid[2:2 + size, 4 + size:4 + 2 * size], by_index[1])
+
+
+def test_inception_score_of_class_sorted_samples_is_inflated():
+    """ADM's IS averages consecutive splits: sorted i % K, each split holds every class equally often."""
+    n, classes = 10_000, 100
+    logits = np.zeros((n, 1008))
+    logits[np.arange(n), np.arange(n) % classes] = 20.0  # confident one-hot-ish predictions, balanced classes
+    shuffled = logits[np.random.default_rng(1).permutation(n)]
+    sorted_is, shuffled_is = fid.inception_score(logits), fid.inception_score(shuffled)
+    assert sorted_is == pytest.approx(classes, rel=1e-4)  # every split holds each class 50 times: IS = K
+    assert sorted_is > shuffled_is * 1.005  # shuffled, a split's class counts vary: p(y) is less uniform (99.3)
+    assert fid.inception_score(logits, split_size=n) == pytest.approx(fid.inception_score(shuffled, split_size=n))
+
+
+# -----------------------------------------------------------------------------
+# one uint8 convention
+
+
+def test_to_uint8_is_a_tensor_on_the_input_device():
+    images = torch.tensor([0.4, 0.6, 254.4, 254.6, 300.0, -9.0]).div(255).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    out = fid.to_uint8(images)
+    assert out.dtype == torch.uint8 and out.shape == (1, 1, 6, 3) and out.device == images.device
+    assert out[0, 0, :, 0].tolist() == [0, 0, 254, 254, 255, 0]  # the default: truncation, as released
+    assert fid.to_uint8(images, "round")[0, 0, :, 0].tolist() == [0, 1, 254, 255, 255, 0]
+    assert fid.TO_UINT8 == ("truncate", "round") == sample.Config.CHOICES["to_uint8"]
+
+
+# -----------------------------------------------------------------------------
+# sample.py sweeps
+
+
+def test_settings_multiply_lists_and_keep_the_single_setting_api():
+    cfg = sample.parse_config(sample.Config, ["--num_steps", "10,15", "--cfg_scale", "1,2.5"], sample.PRESETS)
+    rows = sample.settings(cfg)
+    assert [(r.num_steps, r.cfg_scale) for r in rows] == [(10, 1.0), (10, 2.5), (15, 1.0), (15, 2.5)]
+    assert sample.settings(rows[1]) == [rows[1]]  # a row gives itself
+    default = sample.parse_config(sample.Config, [], sample.PRESETS)  # what train_dit.py's grids pass
+    (row,) = sample.settings(default)
+    assert (row.sampler, row.num_steps, row.cfg_scale, row.cfg_interval_start) == ("ode", 250, 2.5, 0.25)
+    (row,) = sample.settings(sample.parse_config(sample.Config, ["--preset", "800ep"], sample.PRESETS))
+    assert (row.cfg_scale, row.cfg_interval_start) == (3.3, 0.3)
+    net, x = _random_dit(), torch.randn(2, 4, 2, 2)
+    with torch.no_grad():
+        latent = sample.sample_latents(net, [0, 1], [0, 1], (4, 2, 2), sample.parse_config(
+            sample.Config, ["--num_steps", "3"], sample.PRESETS), 3, torch.device("cpu"))
+    assert latent.shape == x.shape and torch.isfinite(latent).all()
+    for argv, message in ((["--num_steps", "5,x"], "--num_steps '5,x' must be one int"),
+                          (["--num_steps", "10,1"], "--num_steps 1 is too small"),
+                          (["--cfg_scale", "2,nan"], "--cfg_scale nan is not a finite number"),
+                          (["--cfg_interval_start", "0.3,2"], "--cfg_interval_start 2.0 must lie between 0 and 1"),
+                          (["--sampler", "ode,heun"], "--sampler heun is unknown; valid values: ode, sde")):
+        with pytest.raises(SystemExit, match=message):
+            sample.settings(sample.parse_config(sample.Config, argv, sample.PRESETS))
+
+
+def test_sweep_rows_equal_single_runs_scored_in_process(sweep_run, tmp_path, capsys):  # slow: 4 FIDs at 2048-d
+    root = sweep_run
+    records = _records(root / "sweep")
+    assert [(os.path.basename(r["ckpt"]), r["step"], r["epoch"], r["num_steps"], r["n"]) for r in records] == [
+        ("0000020.pt", 20, 10.0, 5, 6), ("0000020.pt", 20, 10.0, 10, 6),
+        ("0000040.pt", 40, 20.0, 5, 6), ("0000040.pt", 40, 20.0, 10, 6)]
+    keys = {"ckpt", "step", "epoch", "sampler", "num_steps", "cfg_scale", "cfg_interval_start", "n", "fid", "sfid",
+            "is", "precision", "recall", "seconds"}
+    assert all(set(r) == keys and (r["sampler"], r["cfg_scale"], r["cfg_interval_start"]) == ("ode", 2.5, 0.25)
+               for r in records)
+    table = (root / "sweep" / "metrics.md").read_text().splitlines()
+    assert len(table) == 6 and table[0].startswith("| ckpt | step | epoch |") and "| 0000040.pt | 40 | 20 |" in table[5]
+    assert not any(p.endswith("_shards") for p in os.listdir(root / "sweep"))
+    capsys.readouterr()
+    for i, record in list(enumerate(records))[1:3]:  # a row = a single run of that checkpoint and setting
+        sample.main(_args(tmp_path, record["ckpt"], name=f"single{i}", num_samples=6, batch_size=3,
+                          num_steps=record["num_steps"], fid_ref=root / "ref.npz", fid_weights="random"))
+        metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # fid.py's JSON line comes last
+        for key in ("fid", "sfid", "is", "precision", "recall", "n"):
+            assert metrics[key] == pytest.approx(record[key], rel=1e-9, abs=1e-12), (i, key)
+        kept = f"{record['step']:07d}_step{record['step']}_ode{record['num_steps']}_cfg2.5_from0.25.npz"
+        assert (root / "sweep" / kept).read_bytes() == (tmp_path / f"single{i}.npz").read_bytes()
+
+
+def test_killed_sweep_resumes_where_it_stopped(sweep_run, monkeypatch):  # slow: 4 FIDs at 2048-d
+    root, calls = sweep_run, []
+    real_sample, real_score = sample.sample_latents, fid.compute_metrics
+
+    def counted(*args, **kwargs):  # dies at the 4th batch: row 1 is recorded, row 2 has 1 of its 2 shards
+        calls.append(1)
+        if len(calls) == 4 and dying:
+            raise RuntimeError("killed while sampling")
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "sample_latents", counted)
+    dying = True
+    with pytest.raises(RuntimeError, match="killed while sampling"):
+        sample.main(_sweep_args(root, "resumed"))
+    out = root / "resumed"
+    assert len(_records(out)) == 1 and os.listdir(out / "0000020_step20_ode10_cfg2.5_from0.25_shards") != []
+    calls.clear()
+    dying = False
+    scores = []
+
+    def killed_scoring(*args, **kwargs):  # the second row scored in this run (row 3) dies after its merge
+        scores.append(1)
+        if len(scores) == 2:
+            raise RuntimeError("killed while scoring")
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(fid, "compute_metrics", killed_scoring)
+    with pytest.raises(RuntimeError, match="killed while scoring"):
+        sample.main(_sweep_args(root, "resumed"))
+    assert len(calls) == 1 + 2 and len(_records(out)) == 2  # row 2: only its unfinished shard; row 3: both
+    assert (out / "0000040_step40_ode5_cfg2.5_from0.25.npz").is_file()  # merged, not yet scored
+    calls.clear()
+    monkeypatch.setattr(fid, "compute_metrics", real_score)
+    sample.main(_sweep_args(root, "resumed"))
+    assert len(calls) == 2  # row 3's merged .npz is scored as it is; row 4 is sampled
+    assert _without_seconds(_records(out)) == _without_seconds(_records(root / "sweep"))
+    assert (out / "metrics.md").read_text() == (root / "sweep" / "metrics.md").read_text()
+    grids = [f"{s:07d}_step{s}_ode{n}_cfg2.5_from0.25.png" for s in (20, 40) for n in (5, 10)]
+    assert sorted(os.listdir(out)) == sorted(["metrics.jsonl", "metrics.md", "sweep.json", *grids])  # no .npz, shards
+
+
+def test_sweep_without_reference_or_with_other_settings_is_refused(tmp_path, monkeypatch):
+    dit_path, _ = _pipeline(tmp_path)
+    _snapshots(tmp_path, dit_path)
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    before = sorted(os.listdir(tmp_path))
+    for extra in (dict(fid_ref=""), dict(fid_ref="", ckpt=dit_path)):  # a folder of snapshots, or a list
+        with pytest.raises(SystemExit, match=r"a sweep \(.*\) scores each row: pass --fid_ref"):
+            sample.main(_sweep_args(tmp_path, "sweep", **extra))
+    assert sorted(os.listdir(tmp_path)) == before
+    monkeypatch.setattr(sample, "sweep", lambda *args: 1 / 0)  # killed as soon as the folder is claimed
+    with pytest.raises(ZeroDivisionError):
+        sample.main(_sweep_args(tmp_path, "sweep"))
+    definition = (tmp_path / "sweep" / "sweep.json").read_bytes()
+    listing = sorted(os.listdir(tmp_path / "sweep"))
+    for extra in (dict(seed=1), dict(num_steps="5,25"), dict(fid_ref=tmp_path / "ref2.npz")):
+        if "fid_ref" in extra:
+            np.savez(extra["fid_ref"], arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+        with pytest.raises(SystemExit, match="sweep holds a run with other settings .*sweep.json"):
+            sample.main(_sweep_args(tmp_path, "sweep", **extra))
+        assert (tmp_path / "sweep" / "sweep.json").read_bytes() == definition
+        assert sorted(os.listdir(tmp_path / "sweep")) == listing
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="is a folder without .pt checkpoints"):
+        sample.main(_sweep_args(tmp_path, "other", ckpt=tmp_path / "empty"))
+
+
+def test_single_run_checks_its_reference_before_sampling(tmp_path, monkeypatch):
+    dit_path, _ = _pipeline(tmp_path)
+    monkeypatch.setattr(sample, "sample_latents", lambda *args: 1 / 0)  # drawing a sample would fail loudly
+    np.savez(tmp_path / "half.npz", mu=np.zeros(2048))
+    for ref, message in ((tmp_path / "missing.npz", "--fid_ref .*missing.npz does not exist"),
+                         (tmp_path / "half.npz", "--fid_ref .*half.npz holds mu but no sigma")):
+        with pytest.raises(SystemExit, match=message):
+            sample.main(_args(tmp_path, dit_path, fid_ref=ref, fid_weights="random"))
+    assert sorted(os.listdir(tmp_path)) == ["ae.pt", "dit.pt", "half.npz", "latents"]  # no shards, no .npz
+
+
+# -----------------------------------------------------------------------------
+# fid.py's inputs
+
+
+def test_incomplete_statistics_are_one_sentence_and_images_win_over_a_bare_pool(tmp_path, monkeypatch):
+    net = fid.load_inception("random")
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    cases = {"mu_only": (dict(mu=np.zeros(2048)), "holds mu but no sigma"),
+             "sigma_s_only": (dict(mu=np.zeros(2048), sigma=np.eye(2048), sigma_s=np.eye(2023)),
+                              "holds sigma_s but no mu_s"),
+             "pool_only": (dict(pool=np.zeros((4, 2048), np.float32)), "no arr_0 .* and no mu/sigma statistics")}
+    for name, (arrays, message) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with pytest.raises(SystemExit, match=message):
+            fid.check_source(str(tmp_path / f"{name}.npz"), "--ref")
+        with pytest.raises(SystemExit, match=message):
+            fid.statistics(str(tmp_path / f"{name}.npz"), net)
+    np.savez(tmp_path / "pool_and_images.npz", arr_0=images, pool=np.zeros((4, 2048), np.float32))
+    fid.check_source(str(tmp_path / "pool_and_images.npz"), "SAMPLES")
+    stats = fid.statistics(str(tmp_path / "pool_and_images.npz"), net, batch_size=4)
+    assert np.allclose(stats["mu"], fid.statistics(images, net, batch_size=4)["mu"])  # its images were used
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: 1 / 0)  # reaching the network would fail loudly
+    with pytest.raises(SystemExit, match="holds mu but no sigma"):
+        _fid_main([str(tmp_path / "pool_and_images.npz"), "--ref", str(tmp_path / "mu_only.npz")])
+
+
+def test_save_stats_needs_npz_and_makes_its_folders(tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "s.npz", arr_0=np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    with monkeypatch.context() as patch:
+        patch.setattr(fid, "load_inception", lambda *a, **k: 1 / 0)
+        with pytest.raises(SystemExit, match="--save_stats .*stats must end in .npz"):
+            _fid_main([str(tmp_path / "s.npz"), "--save_stats", str(tmp_path / "stats")])
+    _fid_main([str(tmp_path / "s.npz"), "--save_stats", str(tmp_path / "new" / "dir" / "s.npz"), "--weights",
+               "random"])
+    assert sorted(np.load(tmp_path / "new" / "dir" / "s.npz").files) == ["mu", "mu_s", "pool", "sigma", "sigma_s"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 4
+
+
+def _png16(path, pixels):
+    """A 16-bit PNG written by hand (PIL writes 16-bit grey only): uint16 (H, W) grey or (H, W, 3) RGB."""
+    pixels = pixels if pixels.ndim == 3 else pixels[..., None]
+    height, width, channels = pixels.shape
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", width, height, 16, {1: 0, 3: 2}[channels], 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_images_read_as_their_eight_bit_values(tmp_path, monkeypatch):
+    half = np.full((2, 3), 32768, np.uint16)
+    Image.fromarray(half).save(tmp_path / "grey16.png")  # mode I;16
+    Image.fromarray(half).save(tmp_path / "grey16.tif")
+    Image.fromarray(half.astype(">u2")).save(tmp_path / "grey16b.tif")  # mode I;16B
+    Image.fromarray(half.astype(np.int32)).save(tmp_path / "grey32.tif")  # mode I holding 16-bit values
+    _png16(tmp_path / "rgb16.png", np.stack([half, half // 2, np.full_like(half, 65535)], -1))  # PIL: 8-bit RGB
+    for name, mode, want in (("grey16.png", "I;16", [128] * 3), ("grey16.tif", "I;16", [128] * 3),
+                             ("grey16b.tif", "I;16B", [128] * 3), ("grey32.tif", "I", [128] * 3),
+                             ("rgb16.png", "RGB", [128, 64, 255])):
+        with Image.open(tmp_path / name) as image:
+            assert image.mode == mode, name
+            rgb = fid.rgb_image(image)
+            assert rgb.mode == "RGB" and np.asarray(rgb)[1, 2].tolist() == want, name  # 32768 * 255 / 65535 = 127.5
+
+    values = np.random.default_rng(0).integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+    for kind in ("8", "16"):
+        for i, image in enumerate(values):
+            os.makedirs(tmp_path / f"grey{kind}", exist_ok=True)
+            grey = image[..., 0]
+            if kind == "8":
+                Image.fromarray(grey).save(tmp_path / "grey8" / f"{i}.png")
+                Image.fromarray(image).save(tmp_path / f"rgb{i}_8.png")
+            else:
+                Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16" / f"{i}.png")
+                _png16(tmp_path / f"rgb{i}_16.png", image.astype(np.uint16) * 257)
+    for i in range(4):  # colour: PIL's own 16-bit reader already gives the 8-bit values
+        with Image.open(tmp_path / f"rgb{i}_8.png") as eight, Image.open(tmp_path / f"rgb{i}_16.png") as sixteen:
+            assert np.array_equal(np.asarray(fid.rgb_image(eight)), np.asarray(fid.rgb_image(sixteen)))
+    net = fid.load_inception("random")
+    stats8, stats16 = (fid.statistics(str(tmp_path / f"grey{k}"), net, batch_size=4) for k in ("8", "16"))
+    assert np.array_equal(stats8["pool"], stats16["pool"]) and np.array_equal(stats8["mu"], stats16["mu"])  # FID 0
+    monkeypatch.setattr(fid, "rgb_image", lambda image: image.convert("RGB"))  # before the fix: clipped at 255
+    clipped = fid.statistics(str(tmp_path / "grey16"), net, batch_size=4)
+    print("16-bit grey read by convert('RGB'): |mu - mu_8bit| =", np.linalg.norm(clipped["mu"] - stats8["mu"]),
+          "vs |mu_8bit| =", np.linalg.norm(stats8["mu"]))
+    assert np.linalg.norm(clipped["mu"] - stats8["mu"]) > 0.1 * np.linalg.norm(stats8["mu"])
+
+
+# -----------------------------------------------------------------------------
+# the paper's ablations, one flag each, and the latent diagnostics (SSC, eRank)
+
+
+@pytest.mark.parametrize("fusion", ["add", "concat"])
+def test_released_fusion_modes_convert_and_compute_the_released_dam(fusion, tmp_path):
+    shapes = _released_tiny_pae_shapes(with_vfm=False)
+    W = 64
+    shapes.update(_linear("delta_encoder.fusion_proj", W, W * (1 + (fusion == "concat"))))
+    state = _random_state(shapes, 5)
+    torch.save({"model": state}, tmp_path / "pae.pt")
+    pae = model.pae_from_checkpoint(str(tmp_path / "pae.pt"))
+    assert pae.pae_args["fusion"] == fusion and pae.dam.fusion == fusion and not hasattr(pae.dam, "sft")
+    images = _images(2)
+    with torch.no_grad():
+        tokens, pixels = pae.vfm(images), pae.vfm.preprocess(images)
+        torch.testing.assert_close(pae.dam(pixels, tokens), _released_dam_reference(state, pixels, tokens, fusion=fusion))
+    fresh = model.DAM(W, 4, 4, 8, depth=2, fusion=fusion)  # add starts at LayerNorm(H_vfm), as sft; concat does not
+    assert torch.equal(fresh.fuse.weight, torch.zeros_like(fresh.fuse.weight)) == (fusion == "add")
+
+
+def test_each_ablation_flag_changes_what_it_says(lpips_net):
+    torch.manual_seed(0)
+    images = _images(2)
+    frozen = model.build_pae(preset="tiny")
+    tuned = model.build_pae(preset="tiny", train_vfm=True)  # no DAM; the VFM has gradients and is saved
+    assert tuned.dam is None and all(p.requires_grad for p in tuned.vfm.parameters())
+    assert any(k.startswith("vfm.") for k in tuned.state_dict()) and not any(k.startswith("vfm.") for k in
+                                                                            frozen.state_dict())
+    tuned(images)["recon"].mean().backward()
+    assert tuned.vfm.net.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    kl = model.build_pae(preset="tiny", kl=True)  # the release's diagonal-Gaussian KL, sampled in training only
+    out = kl(images)
+    mean, logvar = kl.projector.conv(kl.projector.attn(kl.dam(kl.vfm.preprocess(images), out["vfm_tokens"]))
+                                     .transpose(1, 2).unflatten(2, (8, 8))).chunk(2, dim=1)
+    torch.testing.assert_close(out["kl"], 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum((1, 2, 3)))
+    assert torch.equal(kl.encode(images), model.sphere(mean)) and not torch.equal(out["latent"], model.sphere(mean))
+    refiner = model.build_refiner(64, depth=1).requires_grad_(False)
+    total, parts = losses.pae_loss(kl(images), images, None, refiner, lpips=0, gan=0, mcr=0, kl=1e-3)
+    assert parts["kl"] > 0 and torch.isclose(total, sum(w * parts[k] for k, w in
+                                                       dict(l1=1, ssr=0.2, scr=1.0, kl=1e-3).items()))
+    z, target = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    pooled, patch = losses.scr_loss(z, target, "pooled"), losses.scr_loss(z, target, "patch")
+    torch.testing.assert_close(pooled + patch, losses.scr_loss(z, target))  # pooled: no per-token term, and back
+    torch.testing.assert_close(pooled, 1 - F.cosine_similarity(z.mean(1), target.mean(1), dim=-1).mean())
+    cfg = model.parse_config(train_ae.Config, ["--preset", "tiny", "--mcr_mode", "small"], train_ae.PRESETS)
+    decoded = []
+    pae = model.build_pae(preset="tiny")
+    pae.decode = lambda latent: decoded.append(len(latent)) or torch.zeros(len(latent), 3, 32, 32)
+    step, generator_loss = train_ae.ae_step(cfg, model.Dist("cpu"), pae, refiner, None, model.PatchDiscriminator(),
+                                            None, None)
+    generator_loss(pae, images, False)
+    assert decoded == [2 * len(images)]  # small: the clean decoding and one perturbed one (cascade: three)
+    assert train_ae.MCR_THETAS["small"] == (42.5,) and train_ae.MCR_THETAS["large"] == (85.0,)
+    raw = train_ae.RawTarget(cfg, pae.vfm, train_ae.SyntheticImages(16, 32), torch.device("cpu"))
+    with torch.no_grad():
+        target = raw.target(pae.vfm(images))
+    assert target.shape == (2, 64, 32) and torch.allclose(target.norm(dim=-1), torch.tensor(32.0).sqrt())
+
+
+def test_ssc_and_erank_on_known_latents():
+    masks = torch.zeros(3, 32, 32, dtype=torch.long)
+    masks[:, 4:20, 8:28] = 7
+    masks[1, 24:, :] = 2  # three objects in image 1, two in the others
+    token_labels = F.interpolate(masks[:, None].float(), size=8, mode="nearest")[:, 0].long()  # (3, 8, 8)
+    clusters = torch.randn(9, 32)
+    aligned = clusters[token_labels].permute(0, 3, 1, 2) + 0.05 * torch.randn(3, 32, 8, 8)  # token = its object
+    assert losses.ssc(aligned, masks) == pytest.approx(1.0, abs=1e-6)
+    assert losses.ssc(torch.randn(16, 32, 16, 16), masks[:1].expand(16, -1, -1)) < 0.05
+    assert math.isnan(losses.ssc(aligned, torch.zeros_like(masks)))  # one object: nothing to cluster
+    assert losses.erank(torch.randn(500, 1) @ torch.randn(1, 32)) == pytest.approx(1 / 32, rel=1e-4)
+    assert losses.erank(torch.randn(20000, 32)) > 0.99
+
+
+# -----------------------------------------------------------------------------
+# preemption and restarts: --resume auto, a checkpoint on SIGTERM / SIGUSR1, exit statuses, locks of lost nodes
+
+
+def _wait_for(predicate, proc, timeout=240):
+    start = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() - start < timeout, "timed out"
+        time.sleep(0.02)
+
+
+def _states_equal(a, b):
+    """The model, EMA and optimizer of two checkpoints, bit for bit."""
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+        return {prefix: value}
+    one, two = flat({k: a[k] for k in ("model", "ema", "opt")}), flat({k: b[k] for k in ("model", "ema", "opt")})
+    return one.keys() == two.keys() and all(torch.equal(v, two[k]) if torch.is_tensor(v) else v == two[k]
+                                            for k, v in one.items())
+
+
+def test_torchrun_restarts_a_killed_worker_and_ends_bit_identical(tmp_path):  # slow: three torchrun launches
+    cache = _write_cache(tmp_path / "latents")
+    args = lambda name: ["train_dit.py", *_dit_args(tmp_path, cache, name=name, max_steps=400, ckpt_every=50,  # noqa
+                                                    log_every=50, resume="auto")]
+    _run(args("whole"), nproc=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+                             f"--master_port={_free_port()}", *args("killed")], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: (tmp_path / "killed" / "ckpt.pt").is_file(), proc)
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        os.kill(int(f.read().split()[-1]), signal.SIGKILL)  # one worker dies; torchrun restarts them both
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    log = _log(tmp_path / "killed")
+    assert "dit: starting at step 0 (no checkpoint yet)" in log and re.search(r"dit: resuming from .* at step [1-9]", log)
+    whole, killed = (torch.load(tmp_path / n / "ckpt.pt", weights_only=True) for n in ("whole", "killed"))
+    assert killed["step"] == 400 and _states_equal(whole, killed)
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # as _run: float sums depend on the thread count
+
+
+def _stopped_by(signal_number, command, log_path, marker, tmp_path):
+    """Run `command`, send the signal once `marker` is in the log, return (status, step it stopped at, seconds)."""
+    proc = subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: os.path.isfile(log_path) and marker in open(log_path).read(), proc)
+    start = time.time()
+    proc.send_signal(signal_number)
+    proc.communicate(timeout=120)
+    seconds = time.time() - start
+    step = int(re.search(r"stopped by SIG\w+ at step (\d+); checkpoint", open(log_path).read()).group(1))
+    return proc.returncode, step, seconds
+
+
+def test_sigterm_checkpoints_the_step_it_stopped_at_and_the_same_command_finishes_the_run(tmp_path, capsys):
+    cache = _write_cache(tmp_path / "latents")
+    command = lambda name: [sys.executable, "train_dit.py", *_dit_args(  # noqa: E731
+        tmp_path, cache, name=name, max_steps=600, ckpt_every=1000, log_every=20, resume="auto")]
+    subprocess.run(env=ONE_THREAD, args=command("whole"), cwd=REPO, check=True, capture_output=True)
+    status, step, seconds = _stopped_by(signal.SIGTERM, command("stopped"), tmp_path / "stopped" / "log.txt",
+                                        "dit step 40/", tmp_path)
+    ckpt = torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)
+    assert status == model.EXIT_REQUEUE == 75 and 40 <= step < 600 and ckpt["step"] == step  # not a multiple of 1000
+    rerun = subprocess.run(env=ONE_THREAD, args=command("stopped"), cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    whole, stopped = (torch.load(tmp_path / n / "ckpt.pt", weights_only=True) for n in ("whole", "stopped"))
+    assert stopped["step"] == 600 and _states_equal(whole, stopped)
+    finished = subprocess.run(env=ONE_THREAD, args=command("stopped"), cwd=REPO, capture_output=True, text=True)  # a third time: done
+    assert finished.returncode == 0 and "finished: nothing to do" in finished.stdout
+    with capsys.disabled():
+        print(f"\nSIGTERM: stopped at step {step} (no steps lost), {seconds:.2f} s from the signal to the exit")
+
+
+def test_sigusr1_stops_the_ae_stage_and_the_same_pipeline_command_completes_it(tmp_path):
+    command = lambda out: [sys.executable, "train_ae.py", *FAST, "--out_dir", str(tmp_path / out), "--refine_steps",  # noqa
+                           "2", "--max_steps", "60", "--ckpt_every", "1000", "--log_every", "5", "--resume", "auto"]
+    subprocess.run(env=ONE_THREAD, args=command("whole"), cwd=REPO, check=True, capture_output=True)
+    status, step, _ = _stopped_by(signal.SIGUSR1, command("stopped"), tmp_path / "stopped" / "log.txt",
+                                  "ae step 10/", tmp_path)
+    assert status == 75 and 10 <= step < 60
+    assert torch.load(tmp_path / "stopped" / "ckpt_ae.pt", weights_only=True)["step"] == step
+    assert not (tmp_path / "stopped" / "ae.pt").exists() and not (tmp_path / "stopped" / "latents").exists()
+    rerun = subprocess.run(env=ONE_THREAD, args=command("stopped"), cwd=REPO, capture_output=True, text=True)  # refine done, ae resumed
+    assert rerun.returncode == 0 and "refine: resuming from" in rerun.stdout and "(finished" in rerun.stdout
+    whole, stopped = (torch.load(tmp_path / n / "ckpt_ae.pt", weights_only=True) for n in ("whole", "stopped"))
+    assert _states_equal(whole, stopped) and (tmp_path / "stopped" / "latents" / "meta.json").is_file()
+
+
+def test_a_lock_of_a_lost_node_is_taken_over_once_its_heartbeat_is_stale(tmp_path, capsys):
+    lock = tmp_path / ".lock"
+    lock.write_text("4242@another-host")
+    with pytest.raises(SystemExit, match="in use by another run .*4242@another-host, heartbeat 0 s ago"):
+        model.lock_dir(str(tmp_path))  # fresh: its owner may be alive on that host
+    stale = time.time() - model.LOCK_STALE - 5
+    os.utime(lock, (stale, stale))
+    model.lock_dir(str(tmp_path))
+    assert "taking over the lock of 4242@another-host, which is gone (no heartbeat for 12" in capsys.readouterr().out
+    assert lock.read_text() == f"{os.getpid()}@{socket.gethostname()}"
+    model.release_locks()
+    assert not lock.exists()
+
+
+# -----------------------------------------------------------------------------
+# a resume is the same run; every input is read as what it is
+
+
+def test_a_resume_refuses_another_run_and_changes_nothing(tmp_path):
+    cache = _write_cache(tmp_path / "latents")
+    other = _write_cache(tmp_path / "other", seed=1)  # the same shape, other latents and statistics
+    train_dit.main(_dit_args(tmp_path, cache, max_steps=4))
+    ckpt, config = tmp_path / "run" / "ckpt.pt", tmp_path / "run" / "config.json"
+    before = _bytes(ckpt, config)
+    for changed, message in ((dict(latents=other), r"latent_meta mean \[.* -> \[.*--allow_change latent_meta"),
+                             (dict(batch_size=4), "batch_size 8 -> 4"), (dict(seed=1), "seed 0 -> 1"),
+                             (dict(lr=1e-3, seed=2), "lr 0.002 -> 0.001; seed 0 -> 2")):
+        args = {**dict(max_steps=6, resume=True), **changed}
+        with pytest.raises(SystemExit, match=message):
+            train_dit.main(_dit_args(tmp_path, args.pop("latents", cache), **args))
+        assert _bytes(ckpt, config) == before
+    train_dit.main(_dit_args(tmp_path, cache, max_steps=6, resume=True, log_every=3, micro_batch_size=4))  # free
+    assert torch.load(ckpt, weights_only=True)["step"] == 6  # a longer --max_steps continues
+    train_dit.main(_dit_args(tmp_path, cache, max_steps=8, resume=True, lr=1e-3, allow_change="lr"))
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["history"] == [{"step": 6, "changed": {"lr": [0.002, 0.001]}}] and saved["config"]["lr"] == 1e-3
+    assert "deliberate changes at step 6 (--allow_change): lr 0.002 -> 0.001" in _log(tmp_path / "run")
+    with pytest.raises(SystemExit, match="--allow_change names bogus"):
+        train_dit.main(_dit_args(tmp_path, cache, max_steps=9, resume=True, allow_change="bogus"))
+    with pytest.raises(SystemExit, match="is a file; pass the latent cache's folder"):
+        train_dit.main(_dit_args(tmp_path, ckpt, name="x"))
+    with pytest.raises(SystemExit, match=r"not divisible .*; choose a multiple of 3, or another micro_batch_size$"):
+        train_dit.main(_dit_args(tmp_path, cache, name="y", micro_batch_size=3))
+
+
+def test_a_tokenizer_resume_refuses_other_data(tmp_path):
+    args = [*FAST, "--stage", "refine", "--refine_steps", "2", "--out_dir", str(tmp_path)]
+    train_ae.main(args)
+    before = _bytes(tmp_path / "ckpt_refine.pt")
+    with pytest.raises(SystemExit, match=r"dataset .*count=32.* -> .*count=48.*images 32 -> 48"):
+        train_ae.main([*args, "--synthetic_size", "48", "--refine_steps", "3", "--resume"])
+    assert _bytes(tmp_path / "ckpt_refine.pt") == before
+
+
+def test_unreadable_images_are_counted_once_and_a_mostly_broken_folder_is_refused(tmp_path):
+    root = tmp_path / "images" / "cls"
+    root.mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(np.full((40, 40, 3), 30 * i, np.uint8)).save(root / f"{i}.png")
+    for i in (1, 2, 3, 5, 6):  # five broken files, three of them in a row
+        (root / f"{i}.png").write_bytes(b"not an image")
+    pae = build_pae(preset="tiny")
+    save_checkpoint(str(tmp_path / "ae.pt"), "pae", pae, {"preset": "tiny"}, 0, pae_args=pae.pae_args)
+    args = [*FAST, "--out_dir", str(tmp_path), "--data", str(tmp_path / "images"), "--micro_batch_size", "4"]
+    with pytest.raises(SystemExit, match="encode: 5 of the 8 images .* cannot be read"):
+        train_ae.main([*args, "--stage", "encode"])
+    assert not (tmp_path / "latents" / "meta.json").exists()
+    (root / "1.png").unlink(), (root / "2.png").unlink()  # three of six broken: counted, replaced, reported
+    train_ae.main([*args, "--stage", "encode"])
+    assert "3 unreadable images replaced by the next readable one" in _log(tmp_path)
+    train_ae.main([*args, "--stage", "eval", "--val_data", str(tmp_path / "images")])
+    assert json.loads((tmp_path / "eval.json").read_text())["unreadable"] == 3 and "unreadable 3" in _log(tmp_path)
+
+
+def test_sixteen_bit_training_images_are_read_at_their_value(tmp_path):
+    (tmp_path / "cls").mkdir()
+    Image.fromarray(np.full((40, 40), 32768, np.uint16)).save(tmp_path / "cls" / "grey16.png")  # 50% grey
+    image, _, unreadable = train_ae.ImageFolderADM(str(tmp_path), 32)[0]
+    assert unreadable == 0 and image.unique().tolist() == [128]  # convert("RGB") made it 255
+
+
+def test_sample_checks_the_ae_kind_before_it_says_anything(tmp_path, capsys):
+    dit_path, _ = _pipeline(tmp_path)
+    with pytest.raises(SystemExit, match="'dit' checkpoint, but a 'pae' checkpoint is needed"):
+        sample.main(_args(tmp_path, dit_path, ae_ckpt=dit_path, out=tmp_path / "x.npz"))
+    assert "decoding with" not in capsys.readouterr().out

@@ -6,7 +6,7 @@ One GPU:        python train_dit.py --latents out/latents --micro_batch_size 64 
 8 GPUs:         torchrun --nproc_per_node=8 train_dit.py --latents out/latents
 Two nodes:      torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
                     train_dit.py --latents out/latents
-Resume:         add --resume (continues from OUT_DIR/ckpt.pt)
+Resume:         add --resume auto (continues OUT_DIR/ckpt.pt if it exists, else starts: the line for a scheduler)
 Benchmark:      python train_dit.py --bench --model XL/1   (random latents; img/s, MFU, memory; compile off/on)
 """
 
@@ -29,9 +29,9 @@ from torchvision.utils import save_image
 
 import sample
 from losses import flow_matching_loss, sample_timesteps
-from model import (DEVICES, Dist, IntervalLog, Logger, autocast, batch_indices, batch_layout, bench_modes, build_dit,
+from model import (DEVICES, Dist, Logger, RESUME, Run, autocast, batch_indices, batch_layout, bench_modes, build_dit,
                    cache_ae, check_resume, count_flops, dit_preset, ema_update, fail, gpu_guard, grad_sync, lock_dir,
-                   make_optimizer, mixed_seed, pae_from_checkpoint, parse_config, read_latent_meta, report, resume_step,
+                   make_optimizer, mixed_seed, pae_from_checkpoint, parse_config, read_latent_meta, report,
                    save_checkpoint, save_config, step_flips, time_calls, wrap)
 
 # -----------------------------------------------------------------------------
@@ -61,7 +61,9 @@ class Config:
     log_every: int = 100  # steps
     ckpt_every: int = 5000  # steps; a checkpoint is also written at the end
     sample_every: int = 10_000  # steps; PNG grid of EMA samples (sample.py's 80ep settings) via the cache's AE; 0 = off
-    resume: bool = False  # continue from out_dir/ckpt.pt
+    keep_every: int = 25_000  # steps; EMA snapshot OUT_DIR/snapshots/{step:07d}.pt (20 epochs, 2.7 GB XL/1); 0 = off
+    resume: str = "false"  # true (bare --resume): continue OUT_DIR/ckpt.pt; auto: continue it if it exists, else start
+    allow_change: str = ""  # with --resume: fields that may change from the checkpoint: lr,batch_size, latent_meta...
     overwrite: bool = False  # start a new run in place of an existing out_dir/ckpt.pt (else refused)
     compile: bool = True  # torch.compile the model
     bench: bool = False  # time bench_steps steps on random latents (no cache needed), compile off and on
@@ -69,9 +71,13 @@ class Config:
     ae_ckpt: str = ""  # AE for the sample grids; "" = the one the cache was encoded with (its file is checked)
     device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda
 
-    CHOICES = {"device": DEVICES}
+    CHOICES = {"device": DEVICES, "resume": RESUME}
+    BARE = {"resume": "true"}
     POSITIVE = ("batch_size", "max_steps", "lr", "time_shift", "log_every", "ckpt_every", "bench_steps")
-    NONNEGATIVE = ("micro_batch_size", "weight_decay", "grad_clip", "seed", "sample_every")
+    NONNEGATIVE = ("micro_batch_size", "weight_decay", "grad_clip", "seed", "sample_every", "keep_every")
+    FREE = ("preset", "latents", "out_dir", "grad_ckpt", "micro_batch_size", "max_steps", "log_every", "ckpt_every",
+            "sample_every", "keep_every", "resume", "allow_change", "overwrite", "compile", "bench", "bench_steps",
+            "ae_ckpt", "device")  # a resume may change these: logging, output and speed, and the length
     UNIT = ("adam_beta1", "adam_beta2", "ema_decay", "label_dropout")
 
 
@@ -91,6 +97,9 @@ class LatentCache:
 
     def __init__(self, path):
         meta_path = os.path.join(path, "meta.json")
+        if os.path.isfile(path):
+            fail(f"--latents {path} is a file; pass the latent cache's folder (the one train_ae.py --stage encode "
+                 f"wrote, holding latents.npy, labels.npy and meta.json)")
         if not os.path.isdir(path):
             fail(f"latent directory {path} does not exist; write it with `train_ae.py --stage encode` or pass "
                  f"--latents DIR")
@@ -135,34 +144,24 @@ class LatentCache:
         return (latents.float() - self.mean) / self.std
 
 
-def step_randomness(cfg, step, shape, device):
-    """Label drops, timesteps and noise of the whole global batch, drawn on the device from a generator seeded by
-    (seed, step): every rank draws all of them and keeps its slice, so they are identical for any world size and
-    after a resume. On CUDA the Philox generator makes them bit-identical across runs and GPU counts on the same GPU
-    model; they differ from the CPU's draws."""
-    gen = torch.Generator(device=device).manual_seed(mixed_seed(cfg.seed, step, 1))
-    B = cfg.batch_size
+def step_batches(cfg, data, reader, step, rows, micro, device):
+    """This rank's micro-batches of a step as (x1 normalised, t, label or the null class, x0). The label drops,
+    timesteps and noise of the whole global batch come from a device generator seeded by (seed, step); each rank keeps
+    its rows, so any world size and a resumed run see the same (on CUDA, bit-identical on the same GPU model)."""
+    gen, B = torch.Generator(device=device).manual_seed(mixed_seed(cfg.seed, step, 1)), cfg.batch_size
     drop = torch.rand(B, generator=gen, device=device) < cfg.label_dropout
     t = sample_timesteps(B, cfg.time_shift, generator=gen, device=device)
-    noise = torch.randn(B, *shape, generator=gen, device=device)
-    return drop, t, noise
-
-
-def step_batches(cfg, data, reader, step, rows, micro, device):
-    """This rank's micro-batches of a step as (x1 normalised, t, label or the null class, x0): all a function of the
-    step, so a resumed run and any world size see the same data."""
+    noise = torch.randn(B, data.channels, data.size, data.size, generator=gen, device=device)
     x1, y = reader.get(step)
-    drop, t, noise = step_randomness(cfg, step, (data.channels, data.size, data.size), device)
     x1, y = data.normalise(x1), torch.where(drop[rows], data.num_classes, y)  # dropped labels: the null class
     t, x0 = t[rows], noise[rows]
     return [(x1[i:i + micro], t[i:i + micro], y[i:i + micro], x0[i:i + micro]) for i in range(0, len(x1), micro)]
 
 
 class Prefetcher:
-    """A background thread reads this rank's latents and labels of the next steps into (pinned) CPU memory while the
-    current step runs; get(step) hands them over and starts their copy to the device without blocking. A step's
-    data is a pure function of the step, so a resumed run just starts the thread at its step. An error in the thread
-    is raised by get(); close() stops the thread (call it in a finally, so an error in the loop never hangs)."""
+    """A thread reads this rank's latents and labels of the next steps into (pinned) memory while a step runs;
+    get(step) hands them over and starts their copy to the device without blocking, or raises the thread's error;
+    close() (in a finally) stops it."""
 
     def __init__(self, data, cfg, rows, start_step, device, depth=2):
         self.data, self.cfg, self.rows, self.device = data, cfg, rows, device
@@ -250,16 +249,6 @@ def bench(cfg, process):
         del model, raw, opt, step
 
 
-def grid_ae(cfg, data, log):
-    """The AE that decodes the sample grids (model.cache_ae): None (no grids) when the cache's own is gone."""
-    path, own = cache_ae(data.meta, cfg.ae_ckpt)
-    if path is None:
-        log(f"no sample grids: the AE {data.meta['ae_ckpt']!r} named in meta.json does not exist (pass --ae_ckpt)")
-    elif not own:
-        log(f"sample grids are decoded with --ae_ckpt {path}, which is not the AE the cache was encoded with")
-    return path
-
-
 @torch.no_grad()
 def sample_grid(cfg, ema, data, ae_path, step, device, log):
     """8 classes x 8 EMA samples with sample.py's default settings, decoded by the grid AE."""
@@ -293,7 +282,9 @@ def main(argv=None):
         return process.teardown()
     per_rank, micro, accum = batch_layout(cfg, process)
     ckpt_path, cfg.latents = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.abspath(cfg.latents)
-    check_resume(cfg, ckpt_path, required=True)
+    snapshots = os.path.join(cfg.out_dir, "snapshots")
+    if not check_resume(cfg, ckpt_path, required=True) and os.path.isdir(snapshots) and os.listdir(snapshots):
+        fail(f"{snapshots} holds the snapshots of an earlier run; move them away before a new run starts here")
 
     # --- data: the latent cache, then the folder lock and the log
     data = LatentCache(cfg.latents).to(process.device)
@@ -306,25 +297,36 @@ def main(argv=None):
                       num_classes=data.num_classes, qk_norm=cfg.qk_norm)
     raw_model = build_dit(**model_args, grad_ckpt=cfg.grad_ckpt).to(process.device)
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
+    model = wrap(cfg, process, raw_model)
 
     # --- optimizer
     opt = make_optimizer(cfg, raw_model.parameters(), process.device)
 
-    # --- resume, then the run's config, its summary and its log meter
-    step = resume_step(cfg, ckpt_path, "dit", {"model": raw_model, "ema": ema, "opt": opt},
-                       {"model_args": model_args}, log)
-    model = wrap(cfg, process, raw_model)
+    # --- resume (the same run, or one sentence), then the run's config and summary
+    flops = flops_per_image(raw_model, data.channels, data.size, data.num_classes, process.device)
+    run = Run(cfg, process, log, "dit", ckpt_path, cfg.max_steps, flops, f"a NaN in the latent cache {cfg.latents}, "
+              f"a tiny std in its meta.json, a learning rate too high (--lr {cfg.lr}), or a NaN weight in {ckpt_path}")
+    step = run.resume("dit", {"model": raw_model, "ema": ema, "opt": opt}, {"model_args": model_args},
+                      {"latent_meta": data.meta})
+    if step >= cfg.max_steps:
+        run.close()
+        return process.teardown()
     process.run0(lambda: save_config(cfg, cfg.out_dir))
     log(json.dumps(asdict(cfg)))
-    ae_path = process.run0(lambda: grid_ae(cfg, data, log)) if cfg.sample_every else None  # rank 0 draws the grids
-    flops = flops_per_image(raw_model, data.channels, data.size, data.num_classes, process.device)
+    ae_path, own = cfg.sample_every and process.run0(lambda: cache_ae(data.meta, cfg.ae_ckpt)) or (None, True)
+    if cfg.sample_every and not (ae_path and own):  # rank 0 draws the grids with the cache's AE, or --ae_ckpt
+        log(f"sample grids decoded with --ae_ckpt {ae_path}, which is not the AE the cache was encoded with" if ae_path
+            else f"no sample grids: the AE {data.meta['ae_ckpt']!r} named in meta.json does not exist (--ae_ckpt)")
     log(f"model {cfg.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
         f"{flops / 1e9:.2f} GFLOP per image (fwd+bwd) | data {data.count} latents {data.channels}x{data.size}x"
         f"{data.size}, {data.num_classes} classes | world {process.world_size} x micro-batch {micro} x accumulation "
-        f"{accum} = batch {cfg.batch_size}" + (f" | resumed at step {step}" if step else ""))
-    meter = IntervalLog(cfg, process, log, "dit", cfg.max_steps, flops, f"a NaN in the latent cache {cfg.latents}, a "
-                        f"tiny std in its meta.json, a learning rate too high (--lr {cfg.lr})"
-                        + (f", or a NaN weight in {ckpt_path}, which this run resumed from" if step else ""), step or None)
+        f"{accum} = batch {cfg.batch_size}")
+
+    def write():  # rank 0: the rolling checkpoint, and at a keep step the EMA snapshot (sampling needs nothing more)
+        save_checkpoint(ckpt_path, "dit", raw_model, cfg, step, ema=ema, opt=opt, **run.extras())
+        snapshot = os.path.join(snapshots, f"{step:07d}.pt")
+        if cfg.keep_every and step % cfg.keep_every == 0 and not os.path.exists(snapshot):  # a resumed run
+            save_checkpoint(snapshot, "dit", None, cfg, step, ema=ema, **run.extras())  # recomputes the same one
 
     # --- loop
     rows = slice(process.rank * per_rank, (process.rank + 1) * per_rank)  # this rank's share of the global batch
@@ -346,18 +348,20 @@ def main(argv=None):
                     f"cosine term 1; about 3 for normalised latents)")
             step += 1
             # log
-            meter.add(step, {"loss": loss, "grad": grad_norm})
+            run.add(step, {"loss": loss, "grad": grad_norm})
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                meter.emit(step, cfg.lr, f"host {1000 * host_seconds / meter.n:.1f}ms/step")
+                run.emit(step, cfg.lr, f"host {1000 * host_seconds / run.n:.1f}ms/step")
                 host_seconds = 0.0
-            # checkpoint and sample grid
-            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-                meter.checkpoint(step, lambda: save_checkpoint(ckpt_path, "dit", raw_model, cfg, step, ema=ema, opt=opt,
-                                                               model_args=model_args, latent_meta=data.meta))
+            # checkpoint, snapshot, sample grid, stop signal
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps or cfg.keep_every and step % cfg.keep_every == 0:
+                run.checkpoint(step, write)
             if cfg.sample_every and step % cfg.sample_every == 0:
                 process.run0(lambda: ae_path and sample_grid(cfg, ema, data, ae_path, step, process.device, log))
+            if run.stop_requested():
+                run.stop(step, write)
     finally:
         reader.close()
+        run.close()
 
     # --- teardown
     log(f"done: {step} steps, checkpoint {ckpt_path}")
