@@ -206,8 +206,7 @@ VFM_PRESETS = {  # name: (timm model, input px); grid = input / patch = 16 for a
     "tiny": (None, 32),  # random DINOv2-style ViT (registers, layer scale, sin-cos positions), 2 layers, width 64
 }
 DECODER_PRESETS = {  # name: (width, depth, heads, mlp), as released
-    "tiny": (64, 2, 4, 256), "B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096), "XL": (1152, 28, 16, 4096),
-}
+    "tiny": (64, 2, 4, 256), "B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096), "XL": (1152, 28, 16, 4096)}
 
 
 def sphere(z, dim=1):
@@ -598,8 +597,7 @@ def _release_format(ckpt, path, kind):
 
 
 DIT_PRESETS = {  # name: (hidden, depth, heads), LightningDiT's
-    "tiny": (64, 2, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16),
-}
+    "tiny": (64, 2, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 
 
 def dit_preset(preset):
@@ -635,16 +633,13 @@ def dit_from_checkpoint(path, device="cpu", use_ema=True):
 
 
 RELEASED_DIT_RULES = [
-    (r"x_embedder\.proj\.(.+)", r"x_embed.\1"),
-    (r"pos_embed", "pos_embed"),
-    (r"t_embedder\.mlp\.([02])\.(.+)", r"t_embed.\1.\2"),
-    (r"y_embedder\.embedding_table\.weight", "y_embed.weight"),
+    (r"x_embedder\.proj\.(.+)", r"x_embed.\1"), (r"pos_embed", "pos_embed"),
+    (r"t_embedder\.mlp\.([02])\.(.+)", r"t_embed.\1.\2"), (r"y_embedder\.embedding_table\.weight", "y_embed.weight"),
     (r"blocks\." + _BLOCK + r"(norm1|norm2)\.weight", r"blocks.\1.\2.weight"),
     (r"blocks\." + _BLOCK + r"attn\.(qkv|proj|q_norm|k_norm)\.(.+)", r"blocks.\1.attn.\2.\3"),
     (r"blocks\." + _BLOCK + r"mlp\.(w12|w3)\.(.+)", r"blocks.\1.ffn.\2.\3"),
     (r"blocks\." + _BLOCK + r"adaLN_modulation\.1\.(.+)", r"blocks.\1.adaLN.1.\2"),
-    (r"final_layer\.norm_final\.weight", "final_norm.weight"),
-    (r"final_layer\.linear\.(.+)", r"final_linear.\1"),
+    (r"final_layer\.norm_final\.weight", "final_norm.weight"), (r"final_layer\.linear\.(.+)", r"final_linear.\1"),
     (r"final_layer\.adaLN_modulation\.1\.(.+)", r"final_adaLN.1.\1"),
     (r"feat_rope\.freqs_(cos|sin)", r"rope_\1"),  # fixed tables, checked against ours and not loaded
 ]
@@ -770,25 +765,20 @@ _DECODER_LAYER = {"layernorm_before": "norm1", "attention.attention.query": "att
                   "attn.k", "attention.attention.value": "attn.v", "attention.output.dense": "attn.proj",
                   "layernorm_after": "norm2", "intermediate.dense": "mlp.0", "output.dense": "mlp.2"}  # ViT-MAE's
 RELEASED_PAE_RULES = [
-    (r"delta_encoder\.patch_embed\.proj\.(.+)", r"dam.patch_embed.\1"),
-    (r"delta_encoder\.pos_embed", "dam.pos_embed"),
+    (r"delta_encoder\.patch_embed\.proj\.(.+)", r"dam.patch_embed.\1"), (r"delta_encoder\.pos_embed", "dam.pos_embed"),
     *[(r"delta_encoder\.layers\." + _BLOCK + re.escape(k) + r"\.(.+)", rf"dam.blocks.\1.{v}.\2")
       for k, v in _DAM_LAYER.items()],
-    (r"delta_encoder\.fusion_proj\.(.+)", r"dam.sft.\1"),
-    (r"delta_encoder\.final_ln\.(.+)", r"dam.norm.\1"),
+    (r"delta_encoder\.fusion_proj\.(.+)", r"dam.sft.\1"), (r"delta_encoder\.final_ln\.(.+)", r"dam.norm.\1"),
     (r"latent_compressor\.0\.qkv\.(.+)", r"projector.attn.{q,k,v}.\1"),
     (r"latent_compressor\.0\.proj\.(.+)", r"projector.attn.proj.\1"),
-    (r"latent_compressor\.1\.(.+)", r"projector.conv.\1"),
-    (r"latent_decompressor\.0\.(.+)", r"deprojector.conv.\1"),
+    (r"latent_compressor\.1\.(.+)", r"projector.conv.\1"), (r"latent_decompressor\.0\.(.+)", r"deprojector.conv.\1"),
     (r"latent_decompressor\.1\.qkv\.(.+)", r"deprojector.attn.{q,k,v}.\1"),
     (r"latent_decompressor\.1\.proj\.(.+)", r"deprojector.attn.proj.\1"),
-    (r"decoder\.decoder_embed\.(.+)", r"decoder.embed.\1"),
-    (r"decoder\.decoder_pos_embed", "decoder.pos_embed"),
+    (r"decoder\.decoder_embed\.(.+)", r"decoder.embed.\1"), (r"decoder\.decoder_pos_embed", "decoder.pos_embed"),
     (r"decoder\.trainable_cls_token", "decoder.cls_token"),
     *[(r"decoder\.decoder_layers\." + _BLOCK + re.escape(k) + r"\.(.+)", rf"decoder.blocks.\1.{v}.\2")
       for k, v in _DECODER_LAYER.items()],
-    (r"decoder\.decoder_norm\.(.+)", r"decoder.norm.\1"),
-    (r"decoder\.decoder_pred\.(.+)", r"decoder.head.\1"),
+    (r"decoder\.decoder_norm\.(.+)", r"decoder.norm.\1"), (r"decoder\.decoder_pred\.(.+)", r"decoder.head.\1"),
 ]
 RELEASED_DINOV2_RULES = [  # Hugging Face Dinov2WithRegistersModel (transformers 4 and 5 names) -> timm ViT
     (r"embeddings\.patch_embeddings\.projection\.(.+)", r"patch_embed.proj.\1"),

@@ -12,11 +12,10 @@ Two nodes:      torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdz
                     train_ae.py --data /data/imagenet/train
 One stage:      add --stage refine | ae | encode | eval (ae needs --refine_ckpt or OUT_DIR/refine.pt,
                 encode/eval need --ae_ckpt or OUT_DIR/ae.pt)
-Resume:         add --resume auto: each stage continues OUT_DIR/ckpt_<stage>.pt if it exists (data order and noise
-                are functions of the step), a finished stage or complete cache is kept; an encode that did not
-                finish (no meta.json) is rerun.
-Outputs:        OUT_DIR/refine.pt (kind "refine"), OUT_DIR/ae.pt (kind "pae": raw weights + EMA, what encode and
-                sample.py use), OUT_DIR/grid_<step>.png, LATENTS/{latents.npy, labels.npy, meta.json}
+Resume:         add --resume auto: each stage continues OUT_DIR/ckpt_<stage>.pt if there is one, a finished stage
+                or complete cache is kept (an encode without meta.json is rerun); the line for a scheduler.
+Outputs:        OUT_DIR/{refine.pt, ae.pt (raw weights + EMA), grid_<step>.png}, LATENTS/{latents.npy, labels.npy,
+                meta.json}
 """
 
 # -----------------------------------------------------------------------------
@@ -160,8 +159,7 @@ PRESETS = {
     "tiny": dict(image_size=32, synthetic_size=2048, synthetic_kind="colours", batch_size=16, refine_steps=100,
                  refine_depth=1, max_steps=500, lr=3e-3, lpips_weight=0.0, mcr_weight=0.05, disc_start=500,
                  log_every=50, ckpt_every=250, eval_images=256, psnr_images=32, lpc_images=16, num_workers=0,
-                 compile=False, out_dir="out/tiny"),
-}
+                 compile=False, out_dir="out/tiny")}
 
 # -----------------------------------------------------------------------------
 # data: ImageFolder with the ADM center crop, a built-in synthetic dataset, a step-indexed sampler

@@ -85,8 +85,7 @@ PRESETS = {
     "paper": {},
     "tiny": dict(model="tiny/1", batch_size=32, max_steps=1500, lr=2e-3, ema_decay=0.99, log_every=250,
                  ckpt_every=500, sample_every=750, compile=False,  # EMA 0.9999 would still be 86% the initial model
-                 out_dir="out/tiny/dit", latents="out/tiny/latents"),
-}
+                 out_dir="out/tiny/dit", latents="out/tiny/latents")}
 
 # -----------------------------------------------------------------------------
 # data: the memory-mapped latent cache
